@@ -1,0 +1,154 @@
+"""MEME's objective as pure tensor functions (DESIGN section 1).
+
+Nothing here holds state or knows about networks: encoders, decoders and likelihoods are
+passed in as callables, so every formula can be checked against an independent computation
+without a trainer. Conventions:
+
+* ``encode(x) -> (mu, sigma)``, each ``[B, L]``;
+* ``decode(z)`` maps latents ``[..., B, L]`` to likelihood parameters ``[..., B, *event]``;
+* ``log_lik(params, data)`` returns per-sample log-likelihoods of shape ``params.shape[:-event_dims]``
+  where ``data`` is ``[B, *event]`` (leading sample dimensions of ``params`` broadcast).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
+Decoder = Callable[[Tensor], Tensor]
+LogLik = Callable[[Tensor, Tensor], Tensor]
+
+_LOG2 = math.log(2.0)
+_LOG2PI = math.log(2.0 * math.pi)
+
+
+def _full(t: Tensor) -> Tensor:
+    """Low-precision (bf16/fp16) values are promoted to float32; float64 stays float64 for exact checks."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _sum_event(values: Tensor, event_dims: int) -> Tensor:
+    return values.sum(dim=tuple(range(-event_dims, 0))) if event_dims else values
+
+
+def laplace_log_prob(x: Tensor, loc: Tensor, scale: float | Tensor = 1.0) -> Tensor:
+    """log Laplace(x; loc, scale) = -|x - loc| / scale - log(2 scale), summed over x's non-batch dims.
+
+    ``loc`` may carry extra leading sample dimensions (``[K, B, ...]``); it is evaluated in
+    float32 so a bf16 decoder does not lose the sum over hundreds of pixels.
+    """
+    loc, x = _full(loc), _full(x)
+    scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
+    log_p = -(x - loc).abs() / scale - torch.log(2.0 * scale)
+    return _sum_event(log_p, x.dim() - 1)
+
+
+def categorical_log_prob(tokens: Tensor, logits: Tensor, pad_id: int) -> Tensor:
+    """sum_t [tokens_t != pad] * log softmax(logits_t)[tokens_t], per sample.
+
+    ``tokens`` is ``[B, T]`` (int64), ``logits`` is ``[..., B, T, V]``. Padding carries no
+    likelihood, so captions of different lengths are compared on their real tokens only.
+    """
+    log_probs = torch.log_softmax(_full(logits), dim=-1)
+    index = tokens.expand(*logits.shape[:-1]).unsqueeze(-1)
+    picked = log_probs.gather(-1, index).squeeze(-1)
+    keep = (tokens != pad_id).to(picked.dtype)
+    return (picked * keep).sum(-1)
+
+
+def gaussian_kl(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:
+    """KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) for diagonal Gaussians, summed over the last dim.
+
+    = sum_l log(sigma_p / sigma_q) + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2
+    """
+    mu_q, sigma_q, mu_p, sigma_p = (_full(t) for t in (mu_q, sigma_q, mu_p, sigma_p))
+    var_ratio = (sigma_q / sigma_p).pow(2)
+    mean_term = ((mu_q - mu_p) / sigma_p).pow(2)
+    return 0.5 * (var_ratio + mean_term - 1.0 - var_ratio.log()).sum(-1)
+
+
+def gaussian_log_prob(z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+    """log N(z; mu, diag(sigma^2)), summed over the last (latent) dim."""
+    z, mu, sigma = _full(z), _full(mu), _full(sigma)
+    return (-0.5 * ((z - mu) / sigma).pow(2) - sigma.log() - 0.5 * _LOG2PI).sum(-1)
+
+
+def mixture_log_prob(z: Tensor, mus: Tensor, sigmas: Tensor) -> Tensor:
+    """log (1/N) sum_i N(z; mus_i, sigmas_i^2) for z ``[B, L]`` and components ``[N, L]`` -> ``[B]``."""
+    per_component = gaussian_log_prob(z.unsqueeze(-2), mus, sigmas)  # [B, N]
+    return torch.logsumexp(per_component, dim=-1) - math.log(mus.shape[0])
+
+
+def reparameterise(mu: Tensor, sigma: Tensor, n: int | None = None) -> Tensor:
+    """z = mu + sigma * eps; ``n`` prepends a dimension of ``n`` independent samples."""
+    shape = mu.shape if n is None else (n, *mu.shape)
+    return mu + sigma * torch.randn(shape, dtype=mu.dtype, device=mu.device)
+
+
+def mutual_supervision_bound(
+    x: Tensor,
+    y: Tensor,
+    encode_x: Encoder,
+    decode_x: Decoder,
+    encode_y: Encoder,
+    decode_y: Decoder,
+    log_lik_x: LogLik,
+    log_lik_y: LogLik,
+    k: int = 10,
+    alpha: float = 10.0,
+    *,
+    return_terms: bool = False,
+):
+    """J_x|y of DESIGN 1.1: x supervised by y, per sample ``[B]``.
+
+    z_0..z_K ~ q(z|x)                     (z_0 is the main sample, z_1..z_K fresh)
+    log q^(y|x) = logmeanexp_k log p(y|z_k)   over all K + 1 samples
+    w = exp(log p(y|z_0) - log q^(y|x))      detached: no gradient through the weight
+    J = w (log p(x|z_0) - log p(y|z_0) - KL(q(z|x) || q(z|y))) + alpha log q^(y|x)
+
+    The K + 1 samples go through ``decode_y`` as one batched ``[K+1, B, L]`` pass.
+    With ``return_terms`` a dict of the per-sample pieces is returned too (for logging).
+    """
+    mu_x, sigma_x = encode_x(x)
+    mu_y, sigma_y = encode_y(y)
+    z = reparameterise(mu_x, sigma_x, n=k + 1)  # [K+1, B, L]
+    log_px = log_lik_x(decode_x(z[0]), x)
+    log_py_all = log_lik_y(decode_y(z), y)  # [K+1, B]
+    log_py = log_py_all[0]
+    log_qhat = torch.logsumexp(log_py_all, dim=0) - math.log(k + 1)
+    kl = gaussian_kl(mu_x, sigma_x, mu_y, sigma_y)
+    w = torch.exp(log_py - log_qhat).detach()
+    bound = w * (log_px - log_py - kl) + alpha * log_qhat
+    if not return_terms:
+        return bound
+    return bound, {"log_px": log_px, "log_py": log_py, "kl": kl, "log_qhat": log_qhat, "w": w}
+
+
+def pseudo_sample_bound(
+    x: Tensor,
+    encode_x: Encoder,
+    decode_x: Decoder,
+    encode_y: Encoder,
+    pseudo_y: Tensor,
+    log_lik_x: LogLik,
+    *,
+    return_terms: bool = False,
+):
+    """J_x of DESIGN 1.2 for a sample whose partner y is missing, per sample ``[B]``.
+
+    p_lambda(z) = 1/N sum_i N(z; e_y(lambda_i))     (mixture over the encoded pseudo-samples)
+    J_x = log p(x|z) - (log q(z|x) - log p_lambda(z)),  z ~ q(z|x), one sample
+    """
+    mu_x, sigma_x = encode_x(x)
+    z = reparameterise(mu_x, sigma_x)
+    mu_l, sigma_l = encode_y(pseudo_y)
+    log_px = log_lik_x(decode_x(z), x)
+    kl = gaussian_log_prob(z, mu_x, sigma_x) - mixture_log_prob(z, mu_l, sigma_l)
+    bound = log_px - kl
+    if not return_terms:
+        return bound
+    return bound, {"log_px": log_px, "kl": kl}

@@ -1,0 +1,136 @@
+"""The MEME module: mixed batches, gradients on every rank, networks, shapes, bf16."""
+
+import pytest
+import torch
+
+from meme_scale.models import MEME, NETWORKS, ModalitySpec, auto_network, build_networks
+
+QUICKSTART = [ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"), ModalitySpec("digits", "image", (1, 8, 8), "small_mlp")]
+
+
+def _batch(n, observed=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.ones(n, 2, dtype=torch.bool) if observed is None else observed
+    return {"mnist": torch.rand(n, 1, 28, 28, generator=g), "digits": torch.rand(n, 1, 8, 8, generator=g), "observed": obs}
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return MEME(QUICKSTART, latent_dim=8, pseudo_samples=16, **kw)
+
+
+def _subset(batch, idx, observed):
+    return {"mnist": batch["mnist"][idx], "digits": batch["digits"][idx], "observed": observed[idx]}
+
+
+def test_mixed_batch_equals_count_weighted_parts():
+    model = _model()
+    obs = torch.ones(12, 2, dtype=torch.bool)
+    obs[5:9, 1] = False  # s-only
+    obs[9:, 0] = False  # t-only
+    batch = _batch(12, obs)
+    torch.manual_seed(1)
+    mixed, terms = model.loss(batch)
+    # The model draws noise for paired, then s-only, then t-only samples: replay that order.
+    torch.manual_seed(1)
+    parts = [model.loss(_subset(batch, idx, obs))[0] * len(idx) for idx in (range(0, 5), range(5, 9), range(9, 12))]
+    torch.testing.assert_close(mixed, sum(parts) / 12)
+    assert {"J_mnist|digits", "J_digits|mnist", "J_mnist", "J_digits"} <= set(terms)
+    assert terms["paired_fraction"].item() == pytest.approx(5 / 12)
+
+
+@pytest.mark.parametrize("pattern", ["paired", "s_only", "t_only"])
+def test_every_parameter_gets_a_gradient_whatever_the_pattern(pattern):
+    model = _model()
+    obs = torch.ones(6, 2, dtype=torch.bool)
+    if pattern == "s_only":
+        obs[:, 1] = False
+    elif pattern == "t_only":
+        obs[:, 0] = False
+    loss, _ = model.loss(_batch(6, obs))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    # the pseudo-samples learn exactly when their modality is the missing one
+    touched = model.pseudo["digits"].grad.abs().sum() > 0
+    assert touched == (pattern == "s_only")
+
+
+def test_init_pseudo_samples_from_observed_data():
+    model = _model()
+    batch = _batch(4)
+    model.init_pseudo_samples(batch)
+    torch.testing.assert_close(model.pseudo_data("mnist")[:4], batch["mnist"].clamp(1e-3, 1 - 1e-3))
+    torch.testing.assert_close(model.pseudo_data("mnist")[4:8], model.pseudo_data("mnist")[:4])
+
+
+def test_bf16_autocast_runs_without_nan():
+    model = _model()
+    batch = _batch(16)
+    batch["observed"][:6, 0] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = model.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_wrong_shape_names_modality_and_both_shapes():
+    model = _model()
+    batch = _batch(4)
+    batch["digits"] = torch.rand(4, 1, 9, 9)
+    with pytest.raises(ValueError, match=r"'digits'.*\[1, 9, 9\].*\[1, 8, 8\]"):
+        model.loss(batch)
+
+
+def test_sampling_api_shapes():
+    model = _model()
+    x = _batch(3)["mnist"]
+    mu, sigma = model.encode("mnist", x)
+    assert mu.shape == sigma.shape == (3, 8) and (sigma > 0).all()
+    assert model.reconstruct("mnist", x).shape == (3, 1, 28, 28)
+    assert model.cross_generate("mnist", "digits", x).shape == (3, 1, 8, 8)
+    joint = model.sample_prior(5)
+    assert joint["mnist"].shape == (5, 1, 28, 28) and joint["digits"].shape == (5, 1, 8, 8)
+
+
+SHAPES = {"image": [(1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 8, 8)], "vector": [(2048,), (10,)], "caption": [(32,)]}
+
+
+@pytest.mark.parametrize("net", sorted(NETWORKS))
+def test_every_registered_network_maps_shapes(net):
+    for kind in NETWORKS[net].kinds:
+        for shape in SHAPES[kind]:
+            spec = ModalitySpec("m", kind, shape, net, vocab_size=50, pad_id=0)
+            if net in ("svhn_conv", "conv") and shape[-1] % 16:  # 28x28 does not halve down evenly
+                with pytest.raises(ValueError, match="square"):
+                    build_networks(spec, 6)
+                continue
+            enc, dec = build_networks(spec, 6)
+            x = torch.randint(0, 50, (4, *shape)) if kind == "caption" else torch.rand(4, *shape)
+            mu, sigma = enc(x)
+            assert mu.shape == (4, 6) and (sigma > 0).all()
+            out = dec(torch.randn(3, 4, 6))
+            assert out.shape == ((3, 4, *shape, 50) if kind == "caption" else (3, 4, *shape))
+
+
+def test_caption_pseudo_samples_are_soft_tokens():
+    spec = ModalitySpec("text", "caption", (32,), "caption_cnn", vocab_size=40, pad_id=0)
+    model = MEME([QUICKSTART[0], spec], latent_dim=8, pseudo_samples=4)
+    tokens = torch.randint(1, 40, (4, 32))
+    batch = {"mnist": torch.rand(4, 1, 28, 28), "text": tokens, "observed": torch.tensor([[1, 0]] * 4).bool()}
+    model.init_pseudo_samples({**batch, "observed": torch.ones(4, 2, dtype=torch.bool)})
+    assert (model.pseudo_data("text").argmax(-1) == tokens).all()
+    loss, _ = model.loss(batch)
+    loss.backward()
+    assert model.pseudo["text"].grad.abs().sum() > 0
+
+
+def test_auto_network_choice():
+    assert auto_network("image", (1, 28, 28)) == "mnist_mlp"
+    assert auto_network("image", (3, 32, 32)) == "svhn_conv"
+    assert auto_network("image", (3, 64, 64)) == "conv"
+    assert auto_network("vector", (2048,)) == "feature_mlp"
+    assert auto_network("caption", (32,)) == "caption_cnn"
+    with pytest.raises(ValueError, match="unknown network"):
+        build_networks(ModalitySpec("m", "image", (1, 8, 8), "nope"), 4)
