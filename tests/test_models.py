@@ -36,7 +36,10 @@ def test_mixed_batch_equals_count_weighted_parts():
     parts = [model.loss(_subset(batch, idx, obs))[0] * len(idx) for idx in (range(0, 5), range(5, 9), range(9, 12))]
     torch.testing.assert_close(mixed, sum(parts) / 12)
     assert {"J_mnist|digits", "J_digits|mnist", "J_mnist", "J_digits"} <= set(terms)
-    assert terms["paired_fraction"].item() == pytest.approx(5 / 12)
+    assert list(terms) == model.term_names
+    total, count = terms["paired_fraction"].tolist()
+    assert (total, count) == (5, 12)
+    assert terms["J_mnist"][1] == 4 and terms["J_digits"][1] == 3
 
 
 @pytest.mark.parametrize("pattern", ["paired", "s_only", "t_only"])

@@ -1,9 +1,39 @@
 """Models: MEME and the baselines it is compared with, behind one interface (``loss(batch)``)."""
 
+from __future__ import annotations
+
 from .meme import MEME, MultimodalVAE, count_parameters
 from .networks import NETWORKS, ModalitySpec, auto_network, build_networks
 
 MODELS = {"meme": MEME}
 
-__all__ = ["MEME", "MODELS", "NETWORKS", "ModalitySpec", "MultimodalVAE", "auto_network", "build_networks",
-           "count_parameters"]
+
+def modality_specs(model_cfg, meta: dict) -> list[ModalitySpec]:
+    """Joins the config's modality entries with the dataset's meta.json (kinds, shapes, vocabulary)."""
+    available = meta["modalities"]
+    entries = model_cfg.modalities or [None, None]
+    names = [e.name for e in entries] if model_cfg.modalities else list(available)[:2]
+    specs = []
+    for name, entry in zip(names, entries):
+        if name not in available:
+            raise ValueError(f"model.modalities names {name!r}, but the dataset has only {sorted(available)}")
+        info = available[name]
+        kind, shape = info["kind"], tuple(info["shape"])
+        net = entry.net if entry is not None and entry.net != "auto" else auto_network(kind, shape)
+        opts = {}
+        if entry is not None:
+            opts = dict(hidden=tuple(entry.hidden), sigma_min=entry.sigma_min,
+                        likelihood_scale=entry.likelihood_scale, embedding_dim=entry.embedding_dim)  # fmt: skip
+        specs.append(ModalitySpec(name, kind, shape, net, vocab_size=info.get("vocab_size", 0),
+                                  pad_id=info.get("pad_id", 0), **opts))  # fmt: skip
+    return specs
+
+
+def build_model(model_cfg, specs: list[ModalitySpec]) -> MultimodalVAE:
+    if model_cfg.name == "meme":
+        return MEME(specs, model_cfg.latent_dim, model_cfg.k, model_cfg.alpha, model_cfg.pseudo_samples)
+    raise ValueError(f"model.name: unknown model {model_cfg.name!r}; known: {sorted(MODELS)}")
+
+
+__all__ = ["MEME", "MODELS", "NETWORKS", "ModalitySpec", "MultimodalVAE", "auto_network", "build_model",
+           "build_networks", "count_parameters", "modality_specs"]

@@ -155,7 +155,11 @@ class MEME(MultimodalVAE):
 
     # -- objective ---------------------------------------------------------------------------
     def loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """-(sum of J over paired, s-only and t-only samples) / B, and the terms for logging."""
+        """-(sum of J over paired, s-only and t-only samples) / B, and the terms for logging.
+
+        Each term is a ``[sum, count]`` pair over the samples it applies to, so ranks can add them
+        up before dividing (a global mean, not a mean of means).
+        """
         self.check_batch(batch)
         s, t = self.names
         observed = batch["observed"]
@@ -163,7 +167,10 @@ class MEME(MultimodalVAE):
         paired = observed[:, 0] & observed[:, 1]
         only = {s: observed[:, 0] & ~observed[:, 1], t: ~observed[:, 0] & observed[:, 1]}
         total = torch.zeros((), device=observed.device)
-        terms: dict[str, Tensor] = {}
+        terms = dict.fromkeys(self.term_names, None)
+
+        def record(name: str, values: Tensor) -> None:
+            terms[name] = torch.stack([values.detach().float().sum(), values.new_tensor(float(len(values)))])
 
         if paired.any():
             xs, xt = batch[s][paired], batch[t][paired]
@@ -177,10 +184,10 @@ class MEME(MultimodalVAE):
                     k=self.k, alpha=self.alpha, return_terms=True,
                 )  # fmt: skip
                 total = total + bound.sum()
-                terms[f"J_{x_name}|{y_name}"] = bound.detach().mean()
-                terms[f"kl_{x_name}|{y_name}"] = parts["kl"].detach().mean()
-                terms[f"log_p_{x_name}"] = parts["log_px"].detach().mean()
-                terms[f"log_qhat_{y_name}|{x_name}"] = parts["log_qhat"].detach().mean()
+                record(f"J_{x_name}|{y_name}", bound)
+                record(f"kl_{x_name}|{y_name}", parts["kl"])
+                record(f"log_p_{x_name}", parts["log_px"])
+                record(f"log_qhat_{y_name}|{x_name}", parts["log_qhat"])
 
         for x_name, y_name in ((s, t), (t, s)):
             mask = only[x_name]
@@ -192,12 +199,22 @@ class MEME(MultimodalVAE):
                 self.pseudo_data(y_name), self.log_lik_fn(x_name), return_terms=True,
             )  # fmt: skip
             total = total + bound.sum()
-            terms[f"J_{x_name}"] = bound.detach().mean()
-            terms[f"kl_{x_name}|pseudo"] = parts["kl"].detach().mean()
+            record(f"J_{x_name}", bound)
+            record(f"kl_{x_name}|pseudo", parts["kl"])
 
         loss = self.touch_all_parameters(-total / batch_size)
-        terms["paired_fraction"] = paired.float().mean()
-        return loss, terms
+        record("paired_fraction", paired.float())
+        zero = torch.zeros(2, device=observed.device)
+        return loss, {k: zero if v is None else v for k, v in terms.items()}
+
+    @property
+    def term_names(self) -> list[str]:
+        """Fixed names of the logged terms, identical on every rank whatever its batch holds."""
+        s, t = self.names
+        names = []
+        for x, y in ((s, t), (t, s)):
+            names += [f"J_{x}|{y}", f"kl_{x}|{y}", f"log_p_{x}", f"log_qhat_{y}|{x}"]
+        return names + [f"J_{s}", f"kl_{s}|pseudo", f"J_{t}", f"kl_{t}|pseudo", "paired_fraction"]
 
 
 def _pseudo_shape(spec: ModalitySpec) -> tuple[int, ...]:

@@ -1,0 +1,128 @@
+"""Checkpoints all ranks write together, that are never half-visible, and that resume exactly.
+
+Layout under ``<run.dir>/checkpoints/`` (DeepSpeed's own files inside each tag):
+
+    step_00000200/                      DeepSpeed model/optimizer states (all ranks)
+    step_00000200/rank_00000.pt         this rank's RNG states (torch, cuda, python, numpy)
+    step_00000200/meme_scale.json       step, data position, MLflow run id, world size; written last
+    latest                              the newest complete tag (for DeepSpeed's own tools)
+
+A tag counts only once ``meme_scale.json`` exists: rank 0 writes it (temp file + rename) after
+every rank has finished writing, so a crash at any point leaves either a complete checkpoint or a
+directory that ``--resume auto`` ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .engine import barrier
+
+log = logging.getLogger(__name__)
+MARKER = "meme_scale.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step_") and (p / MARKER).is_file())
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def read_meta(ckpt_dir: Path, tag: str) -> dict:
+    return json.loads((ckpt_dir / tag / MARKER).read_text())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, meta: dict, rank: int, keep: int) -> str:
+    """Every rank calls this at the same step. Returns the tag written."""
+    tag = tag_for(step)
+    target = ckpt_dir / tag
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # leftovers of a save that was killed before it completed
+            shutil.rmtree(target)
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    torch.save(rng_state(), target / f"rank_{rank:05d}.pt")
+    barrier()  # every rank has written all of its files
+    if rank == 0:
+        _atomic_write(target / MARKER, json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+        _atomic_write(ckpt_dir / "latest", tag)
+        _prune(ckpt_dir, keep)
+    barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    complete = complete_tags(ckpt_dir)
+    newest = complete[-1]
+    for tag in complete[:-keep]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    for p in ckpt_dir.iterdir():  # incomplete saves older than the newest complete one are dead
+        if p.name.startswith("step_") and p.name < newest and not (p / MARKER).exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
+    """Restores engine state (weights, optimizer, loss scaler, step counters) and this rank's RNG."""
+    meta = read_meta(ckpt_dir, tag)
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
+    if meta.get("world_size") == world_size and rank_file.exists():
+        set_rng_state(torch.load(rank_file, weights_only=True))
+    elif rank == 0:
+        log.warning(
+            "checkpoint %s was written by %s ranks, resuming with %s: the data order and random draws "
+            "differ from an uninterrupted run from here on",
+            tag, meta.get("world_size"), world_size,
+        )  # fmt: skip
+    return meta

@@ -1,0 +1,303 @@
+"""The training loop, top to bottom: setup -> fit -> finish. train.py and tune.py both call ``run``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import Config, deepspeed_config, dump_yaml, flatten
+from .data.shards import TrainStream, eval_batches, read_meta, steps_per_epoch
+from .engine import DistInfo, all_reduce_sum, build_engine, init_distributed
+from .evaluate import evaluate_loss, picture_grid, to_device
+from .models import build_model, count_parameters, modality_specs
+from .preemption import StopFlag, requeue_slurm_job
+from .progress import Progress
+from .tracking import open_tracker
+
+log = logging.getLogger("meme_scale")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_consecutive_nan`` non-finite losses in a row."""
+
+
+@dataclass
+class State:
+    """Everything the loop advances; what a checkpoint stores besides DeepSpeed's own state."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: the next batch to read
+    batch: int = 0
+    samples: int = 0  # samples seen by this rank
+    nan_skipped: int = 0
+    run_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run(cfg: Config, resume: str | None = None, config_path: str | None = None, report=None) -> dict:
+    """Trains ``cfg`` to ``train.max_steps`` (or until stopped) and returns the summary dict.
+
+    ``resume``: None (start fresh; refuses a run dir that already has checkpoints), "auto" (newest
+    complete checkpoint if any) or a checkpoint tag/path. ``report(metrics, step)`` is called on
+    every rank after each evaluation (Ray Tune hooks in here).
+    """
+    info = init_distributed()
+    _setup_logging(info)
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    dtype = DTYPES[cfg.train.precision]
+
+    # -- setup ------------------------------------------------------------------------------
+    meta = read_meta(cfg.data.root)
+    specs = modality_specs(cfg.model, meta)
+    names = [s.name for s in specs]
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, specs)
+    stream_args = dict(modalities=names, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
+                       observed_fraction=cfg.data.observed_fraction, missing=cfg.data.missing,
+                       num_workers=cfg.data.num_workers)  # fmt: skip
+    if cfg.model.pseudo_init == "data" and hasattr(model, "init_pseudo_samples"):
+        first = next(iter(TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
+                                      **{**stream_args, "rank": 0, "world_size": 1, "num_workers": 0})))  # fmt: skip
+        model.init_pseudo_samples({**first[2], "observed": torch.ones_like(first[2]["observed"])})
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    engine = build_engine(model, optimizer, deepspeed_config(cfg, info.world_size))
+
+    state = State()
+    tag = _resume_tag(ckpt_dir, resume, info)
+    if tag is not None:
+        saved = checkpoint.load(engine, ckpt_dir, tag, info.rank, info.world_size)
+        state = State(step=saved["step"], epoch=saved["epoch"], batch=saved["batch"], samples=saved["samples"],
+                      nan_skipped=saved["nan_skipped"], run_id=saved["run_id"])  # fmt: skip
+        if info.is_main:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir / tag, state.step, state.epoch, state.batch)
+    if tag is None:  # per-rank noise from here on; a resumed run restores each rank's own RNG instead
+        torch.manual_seed(cfg.train.seed * 1000 + info.rank)
+
+    tracker = open_tracker(info.is_main, cfg.run.tracking_uri, run_dir, cfg.run.experiment, cfg.run.run_name,
+                           run_id=state.run_id, tags={"model": cfg.model.name, "world_size": info.world_size})  # fmt: skip
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if state.run_id is None:
+            tracker.log_params({**flatten(cfg), "world_size": info.world_size, "parameters": count_parameters(model)})
+            tracker.log_artifact(run_dir / "config.yaml")
+            if config_path:
+                tracker.log_artifact(config_path, "config")
+        log.info("model %s: %s parameters; %d rank(s); mlflow run %s", cfg.model.name,
+                 f"{count_parameters(model):,}", info.world_size, tracker.run_id)  # fmt: skip
+    state.run_id = broadcast_run_id(tracker.run_id, info)
+
+    # -- fit --------------------------------------------------------------------------------
+    stream = iter(TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
+                              start_epoch=state.epoch, start_batch=state.batch, **stream_args))  # fmt: skip
+    stop = StopFlag()
+    progress = Progress(cfg.train.max_steps, state.step, cfg.run.progress, enabled=info.is_main)
+    eval_split = lambda: eval_batches(cfg.data.root, cfg.data.eval_split, cfg.train.micro_batch_size,  # noqa: E731
+                                      modalities=names, rank=info.rank, world_size=info.world_size)  # fmt: skip
+    window = _Window(info.device)
+    consecutive_nan = 0
+    stopped_by = None
+    t_start = time.perf_counter()
+    status = "FAILED"
+    try:
+        while state.step < cfg.train.max_steps:
+            micro = 0
+            while micro < cfg.train.grad_accum:
+                t0 = time.perf_counter()
+                epoch, index, batch = next(stream)
+                window.data_wait += time.perf_counter() - t0
+                batch = to_device(batch, info.device, dtype)
+                loss, terms = engine(batch)
+                state.epoch, state.batch = _next_position(cfg, info, epoch, index)
+                state.samples += batch["observed"].shape[0]
+                flags = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop.is_set)]))
+                if flags[0] > 0:  # every rank skips together, so collectives stay matched
+                    state.nan_skipped += 1
+                    consecutive_nan += 1
+                    if info.is_main:
+                        log.warning("non-finite loss at step %d (epoch %d, batch %d): skipped", state.step, epoch, index)
+                    if consecutive_nan >= cfg.train.max_consecutive_nan:
+                        raise NonFiniteLossError(
+                            f"{consecutive_nan} consecutive non-finite losses (last at epoch {epoch}, batch {index} "
+                            f"of {cfg.data.root}); the last good checkpoint in {ckpt_dir} is intact"
+                        )
+                    continue
+                consecutive_nan = 0
+                engine.backward(loss)
+                engine.step()
+                window.add(loss, terms, batch["observed"].shape[0])
+                micro += 1
+                if flags[1] > 0:
+                    stopped_by = "signal"
+            state.step += 1
+            window.time = time.perf_counter() - window.t0
+
+            if state.step % cfg.run.log_every == 0 or state.step == cfg.train.max_steps:
+                metrics = window.reduce(info) | _engine_metrics(engine, info, state)
+                tracker.log_metrics(metrics, state.step)
+                progress.update(state.step, metrics["samples_per_s"], metrics)
+                window = _Window(info.device)
+            if state.step % cfg.run.eval_every == 0 or state.step == cfg.train.max_steps:
+                metrics = _evaluate(engine.module, cfg, info, dtype, eval_split, tracker, run_dir, state.step)
+                if report is not None:
+                    report(metrics, state.step)
+            if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.train.max_steps or stopped_by:
+                _save(engine, ckpt_dir, state, cfg, info)
+            if stopped_by:
+                break
+        status = "FINISHED" if not stopped_by else "KILLED"
+    finally:
+        progress.close()
+        if info.is_main and status == "FAILED":
+            tracker.finish("FAILED")
+
+    # -- finish -----------------------------------------------------------------------------
+    summary = {"step": state.step, "stopped_by": stopped_by, "nan_skipped": state.nan_skipped,
+               "wall_s": time.perf_counter() - t_start, "mlflow_run_id": state.run_id,
+               "tracking_uri": tracker.tracking_uri, "checkpoint": str(ckpt_dir / checkpoint.tag_for(state.step)),
+               "run_dir": str(run_dir), "world_size": info.world_size}  # fmt: skip
+    summary["samples_per_s"] = all_reduce_sum(torch.tensor([state.samples])).item() / max(summary["wall_s"], 1e-9)
+    if info.is_main:
+        summary["final"] = _final_metrics(tracker, run_dir)
+        if stopped_by:
+            summary["requeued"] = requeue_slurm_job()
+            tracker.finish("KILLED")
+        else:
+            export = _export_weights(engine.module, cfg, run_dir)
+            tracker.log_artifact(export, "model")
+            summary["export"] = str(export)
+            tracker.finish("FINISHED")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("done: step %d; checkpoint %s; mlflow run %s at %s; pictures %s; summary %s", state.step,
+                 summary["checkpoint"], state.run_id, tracker.tracking_uri, run_dir / "pictures", run_dir / "summary.json")  # fmt: skip
+    return summary
+
+
+# -- helpers --------------------------------------------------------------------------------------
+class _Window:
+    """Loss terms and timings since the last log line; reduced over ranks only when logged."""
+
+    def __init__(self, device: torch.device):
+        self.t0 = time.perf_counter()
+        self.time = 0.0
+        self.data_wait = 0.0
+        self.sums: torch.Tensor | None = None
+        self.names: list[str] = []
+        self.device = device
+
+    def add(self, loss: torch.Tensor, terms: dict, n: int) -> None:
+        rows = torch.stack([torch.stack([loss.detach().float() * n, loss.new_tensor(float(n)).float()]),
+                            *(v.float() for v in terms.values())])  # fmt: skip
+        self.names = self.names or ["loss", *terms]
+        self.sums = rows if self.sums is None else self.sums + rows
+
+    def reduce(self, info: DistInfo) -> dict[str, float]:
+        local = self.sums.cpu() if self.sums is not None else torch.zeros(1, 2)
+        total = all_reduce_sum(torch.cat([local.flatten(), torch.tensor([self.time, self.data_wait])]))
+        sums, (time_sum, wait_sum) = total[:-2].view(-1, 2), total[-2:].tolist()
+        metrics = {name: s / c for name, (s, c) in zip(self.names, sums.tolist()) if c > 0}
+        n_samples = sums[0, 1].item()
+        mean_time = time_sum / info.world_size
+        metrics["samples_per_s"] = n_samples / max(mean_time, 1e-9)
+        metrics["samples_per_s_per_rank"] = metrics["samples_per_s"] / info.world_size
+        metrics["data_wait_share"] = wait_sum / max(time_sum, 1e-9)
+        return metrics
+
+
+def _engine_metrics(engine, info: DistInfo, state: State) -> dict[str, float]:
+    metrics = {"lr": engine.get_lr()[0], "nan_skipped": state.nan_skipped}
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        metrics["grad_norm"] = float(norm)
+    if engine.fp16_enabled():
+        metrics["loss_scale"] = float(engine.optimizer.cur_scale)
+    if info.device.type == "cuda":
+        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return metrics
+
+
+def _next_position(cfg: Config, info: DistInfo, epoch: int, index: int) -> tuple[int, int]:
+    n = steps_per_epoch(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size, info.world_size,
+                        cfg.train.seed, epoch)  # fmt: skip
+    return (epoch + 1, 0) if index + 1 >= n else (epoch, index + 1)
+
+
+def _evaluate(model, cfg, info, dtype, eval_split, tracker, run_dir, step) -> dict[str, float]:
+    metrics = evaluate_loss(model, eval_split(), info.device, dtype, cfg.run.eval_max_batches)
+    if info.is_main:
+        batch = next(iter(eval_batches(cfg.data.root, cfg.data.eval_split, 16, modalities=model.names, rank=0,
+                                       world_size=1)))  # fmt: skip
+        path = picture_grid(model, batch, run_dir / "pictures" / f"step_{step:08d}.png", info.device, dtype)
+        if path is not None:
+            tracker.log_artifact(path, "pictures")
+        tracker.log_metrics(metrics, step)
+        log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/J" in k or "loss" in k))
+    return metrics
+
+
+def _save(engine, ckpt_dir: Path, state: State, cfg: Config, info: DistInfo) -> None:
+    meta = {"epoch": state.epoch, "batch": state.batch, "samples": state.samples, "nan_skipped": state.nan_skipped,
+            "run_id": state.run_id, "world_size": info.world_size, "config": flatten(cfg)}  # fmt: skip
+    checkpoint.save(engine, ckpt_dir, state.step, meta, info.rank, cfg.run.keep_checkpoints)
+
+
+def _resume_tag(ckpt_dir: Path, resume: str | None, info: DistInfo) -> str | None:
+    if resume in (None, "", "none"):
+        if checkpoint.complete_tags(ckpt_dir):
+            raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                                  "or choose another run.dir")  # fmt: skip
+        return None
+    if resume == "auto":
+        return checkpoint.latest_tag(ckpt_dir)
+    tag = Path(resume).name
+    if not (ckpt_dir / tag / checkpoint.MARKER).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint {ckpt_dir / tag}")
+    return tag
+
+
+def broadcast_run_id(run_id: str | None, info: DistInfo) -> str | None:
+    if info.world_size == 1:
+        return run_id
+    box = [run_id]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _final_metrics(tracker, run_dir: Path) -> dict:
+    client = getattr(tracker, "client", None)
+    if client is None:
+        return {}
+    return {k: v for k, v in client.get_run(tracker.run_id).data.metrics.items()}
+
+
+def _export_weights(model, cfg: Config, run_dir: Path) -> Path:
+    """A plain state_dict plus the config: loadable with torch.load(..., weights_only=True)."""
+    path = run_dir / "final" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": state, "config": flatten(cfg)}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _setup_logging(info: DistInfo) -> None:
+    level = logging.INFO if info.is_main else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {info.rank}] %(name)s: %(message)s", force=False)
+    logging.getLogger("meme_scale").setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
