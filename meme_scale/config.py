@@ -167,7 +167,7 @@ def _list_slot(node: list, part: str, item: str) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str, source: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: key {prefix.rstrip('.') or 'config'!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:

@@ -1,0 +1,76 @@
+"""Config: every shipped file loads, overrides apply, bad input names the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from meme_scale.config import Config, ConfigError, deepspeed_config, flatten, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").rglob("*.yaml"))
+TRAINING_CONFIGS = [p for p in CONFIGS if "sweeps" not in p.parts]
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert len(cfg.model.modalities) in (0, 2)
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in TRAINING_CONFIGS}
+    assert {"quickstart.yaml", "mnist_svhn.yaml", "cub.yaml"} <= names
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(TRAINING_CONFIGS[0], ["train.max_steps=7", "train.seed=3", "run.dir=/tmp/x",
+                                            "data.observed_fraction=0.25", "optim.betas=[0.5, 0.9]"])  # fmt: skip
+    assert (cfg.train.max_steps, cfg.train.seed, cfg.run.dir) == (7, 3, "/tmp/x")
+    assert cfg.data.observed_fraction == 0.25 and cfg.optim.betas == [0.5, 0.9]
+
+
+def test_override_into_modality_list(tmp_path):
+    cfg = load_config(Path("configs/quickstart.yaml"), ["model.modalities.1.net=mnist_mlp"])
+    assert cfg.model.modalities[1].net == "mnist_mlp" and cfg.model.modalities[1].name == "digits"
+
+
+@pytest.mark.parametrize(
+    "text, override, message",
+    [
+        ("train: {max_stepz: 3}\n", None, r"bad\.yaml: unknown key 'train\.max_stepz'"),
+        ("model: {modalities: [{name: a, nett: x}, {name: b}]}\n", None, r"unknown key 'model\.modalities\.0\.nett'"),
+        ("train: {max_steps: ten}\n", None, r"bad\.yaml: key 'train\.max_steps' must be int"),
+        ("train: {precision: fp8}\n", None, r"'train\.precision' must be one of"),
+        ("data: {observed_fraction: 1.5}\n", None, r"'data\.observed_fraction' must be in \(0, 1\]"),
+        ("train: [1, 2]\n", None, r"key 'train' must be a mapping"),
+        ("train: {max_steps: 3\n", None, r"bad\.yaml: not valid YAML"),
+        ("{}\n", "train.bogus=1", r"unknown key 'train\.bogus'"),
+        ("{}\n", "train.max_steps", r"override 'train\.max_steps' is not key=value"),
+    ],
+)
+def test_bad_input_names_key_and_file(tmp_path, text, override, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override] if override else [])
+
+
+def test_missing_file_is_named():
+    with pytest.raises(ConfigError, match="not found: nowhere.yaml"):
+        load_config("nowhere.yaml")
+
+
+def test_deepspeed_json_follows_config():
+    cfg = load_config(None, ["train.precision=bf16", "train.zero_stage=2", "optim.grad_clip=1.0",
+                             "train.grad_accum=4", "train.micro_batch_size=16"])  # fmt: skip
+    ds = deepspeed_config(cfg, world_size=3)
+    assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
+    assert ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 16 * 4 * 3
+    assert "fp16" not in ds and "gradient_clipping" not in deepspeed_config(load_config(None), 1)
+
+
+def test_flatten_names_every_leaf():
+    flat = flatten(load_config(Path("configs/quickstart.yaml")))
+    assert flat["model.modalities.0.name"] == "mnist" and flat["train.max_steps"] > 0
