@@ -57,7 +57,7 @@ def _evaluate_loss(model, batches, device, float_dtype, max_batches) -> dict[str
         local = torch.zeros(len(names), 2, device=device)
     total = all_reduce_sum(local)
     model.train(was_training)
-    return {f"eval/{name}": (s / c).item() for name, (s, c) in zip(names, total.tolist()) if c > 0}
+    return {f"eval/{name}": s / c for name, (s, c) in zip(names, total.tolist()) if c > 0}
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -169,6 +170,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                "tracking_uri": tracker.tracking_uri, "checkpoint": str(ckpt_dir / checkpoint.tag_for(state.step)),
                "run_dir": str(run_dir), "world_size": info.world_size}  # fmt: skip
     summary["samples_per_s"] = all_reduce_sum(torch.tensor([state.samples])).item() / max(summary["wall_s"], 1e-9)
+    summary["parameter_digest_per_rank"] = _gather(parameter_digest(engine.module), info)
     if info.is_main:
         summary["final"] = _final_metrics(tracker, run_dir)
         if stopped_by:
@@ -267,6 +269,23 @@ def _resume_tag(ckpt_dir: Path, resume: str | None, info: DistInfo) -> str | Non
     if not (ckpt_dir / tag / checkpoint.MARKER).is_file():
         raise FileNotFoundError(f"--resume {resume}: no complete checkpoint {ckpt_dir / tag}")
     return tag
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal on all ranks when data parallelism kept them in sync."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gather(value, info: DistInfo) -> list:
+    if info.world_size == 1:
+        return [value]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def broadcast_run_id(run_id: str | None, info: DistInfo) -> str | None:

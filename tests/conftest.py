@@ -1,0 +1,65 @@
+"""Shared fixtures: the real quickstart shards (built once per session) and launchers for real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def quickstart_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "quickstart"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "quickstart", "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True)  # fmt: skip
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs meme_scale/train.py under a real launcher; ``args`` are train.py's own arguments."""
+    script = str(ROOT / "meme_scale" / "train.py")
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script]
+    elif launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, script]
+    elif launcher == "accelerate":
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, script]  # fmt: skip
+    elif launcher == "python":
+        cmd = [sys.executable, script]
+    else:
+        raise ValueError(launcher)
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}  # fmt: skip
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(var, None)
+    proc = subprocess.run(cmd + args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def train_args(data: Path, run_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml") -> list[str]:
+    """train.py arguments for a short quickstart run (small batches so CPU tests stay quick)."""
+    return ["--config", config, f"data.root={data}", f"run.dir={run_dir}", "train.micro_batch_size=32",
+            "run.log_every=2", "run.eval_every=1000", "run.eval_max_batches=2", "run.progress=lines", *overrides]  # fmt: skip

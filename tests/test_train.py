@@ -1,0 +1,108 @@
+"""End-to-end training under real launchers, real DeepSpeed engines (gloo), real shards and MLflow."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import launch, summary, train_args
+
+pytestmark = pytest.mark.slow
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "final" / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_deepspeed_zero2_bf16_ranks_stay_in_sync_and_resume(quickstart_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = train_args(quickstart_shards, run_dir, "train.zero_stage=2", "train.precision=bf16", "train.max_steps=6")
+    launch("deepspeed", args)
+    first = summary(run_dir)
+    digests = first["parameter_digest_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    ckpt = run_dir / "checkpoints" / "step_00000006"
+    assert {"mp_rank_00_model_states.pt", "meme_scale.json", "rank_00000.pt", "rank_00001.pt"} <= {
+        p.name for p in ckpt.iterdir()}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+
+    launch("deepspeed", args[:-1] + ["train.max_steps=9", "--resume", "auto"])
+    second = summary(run_dir)
+    assert second["step"] == 9 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["parameter_digest_per_rank"][0] == second["parameter_digest_per_rank"][1]
+
+
+def test_stop_and_resume_equals_uninterrupted(quickstart_shards, tmp_path):
+    """fp32, ZeRO-2, 2 ranks, one data worker: resumed twice == never stopped, parameter for parameter."""
+    common = ["train.zero_stage=2", "data.num_workers=1", "run.checkpoint_every=100"]
+    straight = tmp_path / "straight"
+    launch("torchrun", train_args(quickstart_shards, straight, *common, "train.max_steps=7"))
+    resumed = tmp_path / "resumed"
+    for steps in (2, 5, 7):
+        resume = ["--resume", "auto"] if steps > 2 else []
+        launch("torchrun", train_args(quickstart_shards, resumed, *common, f"train.max_steps={steps}") + resume)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert summary(resumed)["step"] == 7
+    runs = MlflowClient(summary(resumed)["tracking_uri"]).search_runs(["1"])
+    assert len(runs) == 1  # every resume continued the same MLflow run
+
+
+def test_plain_python_trains_and_mlflow_holds_the_run(quickstart_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=40", "run.eval_every=20",
+                                "train.micro_batch_size=64"), nproc=1)  # fmt: skip
+    info = summary(run_dir)
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "40" and run.data.params["model.name"] == "meme"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 20 and losses[-1] < 0.9 * losses[0]  # the loss falls
+    assert {"samples_per_s", "data_wait_share", "lr", "eval/loss"} <= set(run.data.metrics)
+    pictures = [f.path for f in client.list_artifacts(run.info.run_id, "pictures")]
+    assert pictures == ["pictures/step_00000020.png", "pictures/step_00000040.png"]
+    local = client.download_artifacts(run.info.run_id, pictures[-1], str(tmp_path))
+    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+
+
+def test_accelerate_launch_runs_two_ranks(quickstart_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launch("accelerate", train_args(quickstart_shards, run_dir, "train.max_steps=3"))
+    info = summary(run_dir)
+    assert info["world_size"] == 2 and info["step"] == 3
+
+
+def test_observation_ratio_reaches_the_loss(quickstart_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launch("torchrun", train_args(quickstart_shards, run_dir, "train.max_steps=20", "data.observed_fraction=0.125",
+                                  "data.missing=t", "train.micro_batch_size=64"))  # fmt: skip
+    metrics = summary(run_dir)["final"]
+    assert abs(metrics["paired_fraction"] - 0.125) < 0.05
+    assert "J_mnist" in metrics and "J_digits" not in metrics  # missing=t: only s-only unpaired samples
+
+
+def test_bad_inputs_fail_clearly(quickstart_shards, tmp_path):
+    proc = launch("python", ["--config", "configs/quickstart.yaml", "train.max_stepz=3"], nproc=1, check=False)
+    assert proc.returncode == 2 and "unknown key 'train.max_stepz'" in proc.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(quickstart_shards, broken)
+    victim = sorted(broken.glob("*-train-*.tar"))[1]
+    victim.unlink()
+    proc = launch("python", train_args(broken, tmp_path / "run", "train.max_steps=2"), nproc=1, check=False)
+    assert proc.returncode != 0 and victim.name in proc.stderr
+
+
+def test_refuses_to_overwrite_a_run_without_resume(quickstart_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=2"), nproc=1)
+    proc = launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=4"), nproc=1, check=False)
+    assert proc.returncode != 0 and "--resume auto" in proc.stderr
+    assert summary(run_dir)["step"] == 2
