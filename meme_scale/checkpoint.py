@@ -126,3 +126,41 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
             tag, meta.get("world_size"), world_size,
         )  # fmt: skip
     return meta
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights and buffers of a checkpoint; ZeRO-1/2 weights come from the fp32 master partitions."""
+    model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file} is missing: not a DeepSpeed checkpoint written by meme_scale")
+    module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    if any((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt")):
+        # ZeRO keeps the exact fp32 weights only in the optimizer partitions; "module" holds bf16 copies.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    return state
+
+
+def resolve(path: Path) -> tuple[Path, str]:
+    """(checkpoints dir, tag) from a tag directory or a checkpoints directory (its newest complete tag)."""
+    if (path / MARKER).is_file():
+        return path.parent, path.name
+    tag = latest_tag(path)
+    if tag is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (a step_* directory with {MARKER})")
+    return path, tag
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """Writes ``{"state_dict", "config", "step"}``, loadable with ``torch.load(out, weights_only=True)``."""
+    ckpt_dir, tag = resolve(Path(checkpoint))
+    meta = read_meta(ckpt_dir, tag)
+    payload = {"state_dict": consolidated_state_dict(ckpt_dir, tag), "config": meta["config"], "step": meta["step"]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
+    return out

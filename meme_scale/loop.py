@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .config import Config, deepspeed_config, dump_yaml, flatten
-from .data.shards import TrainStream, eval_batches, read_meta, steps_per_epoch
+from .data.shards import TrainStream, eval_batches, read_meta
 from .engine import DistInfo, all_reduce_sum, build_engine, init_distributed
 from .evaluate import evaluate_loss, picture_grid, to_device
 from .models import build_model, count_parameters, modality_specs
@@ -101,8 +100,9 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     state.run_id = broadcast_run_id(tracker.run_id, info)
 
     # -- fit --------------------------------------------------------------------------------
-    stream = iter(TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
-                              start_epoch=state.epoch, start_batch=state.batch, **stream_args))  # fmt: skip
+    train_data = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
+                             start_epoch=state.epoch, start_batch=state.batch, **stream_args)  # fmt: skip
+    stream = iter(train_data)
     stop = StopFlag()
     progress = Progress(cfg.train.max_steps, state.step, cfg.run.progress, enabled=info.is_main)
     eval_split = lambda: eval_batches(cfg.data.root, cfg.data.eval_split, cfg.train.micro_batch_size,  # noqa: E731
@@ -121,7 +121,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 window.data_wait += time.perf_counter() - t0
                 batch = to_device(batch, info.device, dtype)
                 loss, terms = engine(batch)
-                state.epoch, state.batch = _next_position(cfg, info, epoch, index)
+                state.epoch, state.batch = _position_after(train_data, epoch, index)
                 state.samples += batch["observed"].shape[0]
                 flags = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop.is_set)]))
                 if flags[0] > 0:  # every rank skips together, so collectives stay matched
@@ -174,16 +174,17 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     if info.is_main:
         summary["final"] = _final_metrics(tracker, run_dir)
         if stopped_by:
-            summary["requeued"] = requeue_slurm_job()
             tracker.finish("KILLED")
         else:
-            export = _export_weights(engine.module, cfg, run_dir)
+            export = checkpoint.export(ckpt_dir / checkpoint.tag_for(state.step), run_dir / "final" / "model.pt")
             tracker.log_artifact(export, "model")
             summary["export"] = str(export)
             tracker.finish("FINISHED")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: step %d; checkpoint %s; mlflow run %s at %s; pictures %s; summary %s", state.step,
                  summary["checkpoint"], state.run_id, tracker.tracking_uri, run_dir / "pictures", run_dir / "summary.json")  # fmt: skip
+        if stopped_by:  # last: Slurm stops this job as soon as the requeue goes through
+            requeue_slurm_job()
     return summary
 
 
@@ -232,10 +233,9 @@ def _engine_metrics(engine, info: DistInfo, state: State) -> dict[str, float]:
     return metrics
 
 
-def _next_position(cfg: Config, info: DistInfo, epoch: int, index: int) -> tuple[int, int]:
-    n = steps_per_epoch(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size, info.world_size,
-                        cfg.train.seed, epoch)  # fmt: skip
-    return (epoch + 1, 0) if index + 1 >= n else (epoch, index + 1)
+def _position_after(train_data: TrainStream, epoch: int, index: int) -> tuple[int, int]:
+    """The data position of the batch after (epoch, index): what a checkpoint taken now resumes from."""
+    return (epoch + 1, 0) if index + 1 >= train_data.steps_per_epoch(epoch) else (epoch, index + 1)
 
 
 def _evaluate(model, cfg, info, dtype, eval_split, tracker, run_dir, step) -> dict[str, float]:
@@ -301,17 +301,6 @@ def _final_metrics(tracker, run_dir: Path) -> dict:
     if client is None:
         return {}
     return {k: v for k, v in client.get_run(tracker.run_id).data.metrics.items()}
-
-
-def _export_weights(model, cfg: Config, run_dir: Path) -> Path:
-    """A plain state_dict plus the config: loadable with torch.load(..., weights_only=True)."""
-    path = run_dir / "final" / "model.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": state, "config": flatten(cfg)}, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def _setup_logging(info: DistInfo) -> None:
