@@ -33,12 +33,14 @@ class ModalityConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "meme"  # meme (MVAE, MMVAE, MoPoE join the same key)
+    name: str = "meme"  # meme | mvae | mmvae | mopoe (the baselines of DESIGN 1.5)
     latent_dim: int = 64
     k: int = 10  # fresh samples in the cross-generation term log q^(y|x)
     alpha: float = 10.0
     pseudo_samples: int = 128  # per modality
     pseudo_init: str = "data"  # data: a batch of real samples; random
+    mmvae_k: int = 10  # MMVAE only: importance samples per mixture component (the paper used 30)
+    estimator: str = "dreg"  # MMVAE only: dreg (doubly-reparameterised gradients) | iwae
     modalities: list[ModalityConfig] = field(default_factory=list)  # empty: both of meta.json, net auto
 
 
@@ -96,15 +98,16 @@ class Config:
 
 
 CHOICES = {
-    "model.name": ("meme",),
+    "model.name": ("meme", "mvae", "mmvae", "mopoe"),
+    "model.estimator": ("dreg", "iwae"),
     "model.pseudo_init": ("data", "random"),
     "data.missing": ("s", "t", "either"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2),
     "run.progress": ("auto", "bar", "lines", "off"),
 }
-POSITIVE = {"model.latent_dim", "model.pseudo_samples", "train.micro_batch_size", "train.grad_accum",
-            "train.max_steps", "train.max_consecutive_nan", "run.log_every", "run.eval_every",
+POSITIVE = {"model.latent_dim", "model.pseudo_samples", "model.mmvae_k", "train.micro_batch_size",
+            "train.grad_accum", "train.max_steps", "train.max_consecutive_nan", "run.log_every", "run.eval_every",
             "run.checkpoint_every", "run.keep_checkpoints", "optim.lr"}  # fmt: skip
 
 

@@ -152,3 +152,45 @@ def pseudo_sample_bound(
     if not return_terms:
         return bound
     return bound, {"log_px": log_px, "kl": kl}
+
+
+# -- generic pieces of the baselines (MVAE, MMVAE, MoPoE; DESIGN 1.5) ----------------------------
+def product_of_experts(mus: Tensor, sigmas: Tensor, prior: bool = True) -> tuple[Tensor, Tensor]:
+    """The Gaussian product of experts ``[E, ..., L]`` -> ``(mu, sigma)`` ``[..., L]`` (Wu & Goodman 2018).
+
+    T_i = 1 / sigma_i^2                 (with ``prior`` the expert N(0, I) joins: T = 1, mu = 0)
+    sigma^2 = 1 / sum_i T_i,   mu = sigma^2 sum_i T_i mu_i
+    Computed in float32 (float64 stays) since precisions of sigma ~ 1e-3 overflow bf16's mantissa.
+    """
+    mus, sigmas = _full(mus), _full(sigmas)
+    precision = sigmas.pow(-2)
+    total = precision.sum(0) + (1.0 if prior else 0.0)
+    return (precision * mus).sum(0) / total, total.rsqrt()
+
+
+def standard_normal_kl(mu: Tensor, sigma: Tensor) -> Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)), summed over the last dim."""
+    return gaussian_kl(mu, sigma, torch.zeros_like(mu), torch.ones_like(sigma))
+
+
+def iwae_bound(log_w: Tensor, dim: int = 0) -> Tensor:
+    """log (1/K) sum_k exp(log_w_k) over ``dim`` (K = its size): the importance-weighted bound (Burda et al. 2016)."""
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
+
+
+def dreg_bound(log_w: Tensor, z: Tensor, dim: int = 0) -> Tensor:
+    """The IWAE value of ``log_w`` with doubly-reparameterised gradients (DReG, Tucker et al. 2019).
+
+    ``log_w`` must be computed with q's parameters detached, so the encoder is reached only through
+    the reparameterised samples ``z`` (``log_w.shape + [L]``; nothing else in the loss may use ``z``).
+    w~_k = softmax_k(log_w) (constant),   S = sum_k w~_k log_w_k,   z's incoming gradient times w~_k:
+      decoder / prior:  sum_k w~_k   d log_w_k / d theta            (the IWAE gradient)
+      encoder:          sum_k w~_k^2 d log_w_k / d z_k  d z_k / d phi
+    value = iwae_bound(log_w) + S - stop_grad(S), so logs show the bound, not the surrogate.
+    The gradient scaling is a hook on ``z`` (as in the MMVAE reference code); none without grad.
+    """
+    weights = torch.softmax(log_w.detach(), dim)
+    if z.requires_grad:
+        z.register_hook(lambda grad: grad * weights.unsqueeze(-1).to(grad.dtype))
+    surrogate = (weights * log_w).sum(dim)
+    return iwae_bound(log_w.detach(), dim) + surrogate - surrogate.detach()

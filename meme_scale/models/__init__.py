@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from .baselines import BASELINES, MMVAE, MVAE, MoPoE
 from .meme import MEME, MultimodalVAE, count_parameters
 from .networks import NETWORKS, ModalitySpec, auto_network, build_networks
 
-MODELS = {"meme": MEME}
+MODELS = {"meme": MEME, **BASELINES}
 
 
 def modality_specs(model_cfg, meta: dict) -> list[ModalitySpec]:
@@ -32,8 +33,12 @@ def modality_specs(model_cfg, meta: dict) -> list[ModalitySpec]:
 def build_model(model_cfg, specs: list[ModalitySpec]) -> MultimodalVAE:
     if model_cfg.name == "meme":
         return MEME(specs, model_cfg.latent_dim, model_cfg.k, model_cfg.alpha, model_cfg.pseudo_samples)
+    if model_cfg.name == "mmvae":
+        return MMVAE(specs, model_cfg.latent_dim, k=model_cfg.mmvae_k, estimator=model_cfg.estimator)
+    if model_cfg.name in ("mvae", "mopoe"):
+        return MODELS[model_cfg.name](specs, model_cfg.latent_dim)
     raise ValueError(f"model.name: unknown model {model_cfg.name!r}; known: {sorted(MODELS)}")
 
 
-__all__ = ["MEME", "MODELS", "NETWORKS", "ModalitySpec", "MultimodalVAE", "auto_network", "build_model",
-           "build_networks", "count_parameters", "modality_specs"]
+__all__ = ["MEME", "MMVAE", "MODELS", "MVAE", "NETWORKS", "ModalitySpec", "MoPoE", "MultimodalVAE", "auto_network",
+           "build_model", "build_networks", "count_parameters", "modality_specs"]

@@ -1,0 +1,236 @@
+"""The baselines MEME is compared with, behind MEME's interface (DESIGN 1.5): MVAE, MMVAE and MoPoE.
+
+All three reuse ``MultimodalVAE``'s networks and likelihoods and the prior p(z) = N(0, I). Each
+``loss(batch)`` returns ``(-(sum of per-sample bounds) / B, terms)``, terms as ``[sum, count]`` pairs
+under fixed names (``term_names``). Unobserved entries are never read: an encoder sees only the rows
+where its modality is observed and a likelihood is evaluated only on observed rows.
+
+MVAE  (Wu & Goodman 2018): q_S(z|X) = PoE(N(0, I), q_m(z|x_m) for m in S)
+      per sample: sum_S ELBO_S over the non-empty subsets S of its observed modalities,
+      ELBO_S = log p(x_S|z) - KL(q_S || N(0, I)),  z ~ q_S,  log p(x_S|z) = sum_{m in S} log p(x_m|z)
+      (paired: ELBO_{s,t} + ELBO_s + ELBO_t, the paper's sub-sampling for two modalities; one
+      modality observed: its own ELBO). Unit likelihood weights and no KL annealing.
+MoPoE (Sutter et al. 2021): q(z|X) = 1/|P| sum_{S in P} q_S(z|X),  q_S = PoE(q_m(z|x_m) for m in S),
+      P = non-empty subsets of the observed modalities (no prior expert, as in the reference code);
+      per sample: 1/|P| sum_S [ log p(x_obs|z_S) - KL(q_S || N(0, I)) ],  z_S ~ q_S,
+      every observed modality explained by every subset's z; KL(q || p) is replaced by the
+      subset-weighted KLs (its upper bound by convexity, as the reference implementation does).
+MMVAE (Shi et al. 2019): q(z|X) = 1/M sum_m q_m(z|x_m), paired samples only; stratified bound
+      1/M sum_m log 1/K sum_k w_mk,  w_mk = p(z_mk) prod_n p(x_n|z_mk) / q(z_mk|X),  z_mk ~ q_m(z|x_m)
+      with DReG gradients (default) or plain IWAE gradients (``estimator``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from .. import objectives as obj
+from .meme import MultimodalVAE
+from .networks import ModalitySpec
+
+log = logging.getLogger(__name__)
+
+ESTIMATORS = ("dreg", "iwae")
+Terms = dict[str, Tensor]
+
+
+def nonempty_subsets(names: list[str]) -> list[tuple[str, ...]]:
+    """Every non-empty subset of ``names``, smallest first, in ``names`` order: (s,), (t,), (s, t)."""
+    return [c for r in range(1, len(names) + 1) for c in itertools.combinations(names, r)]
+
+
+def available_subsets(subsets: list[tuple[str, ...]], names: list[str], observed: Tensor) -> Tensor:
+    """``[len(subsets), B]`` bool: subset S is usable for a sample when all of S is observed."""
+    col = {name: i for i, name in enumerate(names)}
+    return torch.stack([observed[:, [col[m] for m in subset]].all(1) for subset in subsets])
+
+
+def _full(t: Tensor) -> Tensor:
+    """Encoder outputs in float32 (float64 stays): bf16 z would be too coarse for log q(z) at sigma ~ 1e-3."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class _Recorder:
+    """Collects terms as ``[sum, count]`` pairs; names never recorded come back as ``[0, 0]``."""
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.terms: dict[str, Tensor | None] = dict.fromkeys(names, None)
+        self.device = device
+
+    def __call__(self, name: str, values: Tensor) -> None:
+        assert name in self.terms, name
+        self.terms[name] = torch.stack([values.detach().float().sum(), values.new_tensor(float(len(values))).float()])
+
+    def result(self) -> Terms:
+        zero = torch.zeros(2, device=self.device)
+        return {k: zero if v is None else v for k, v in self.terms.items()}
+
+
+class _SubsetELBOModel(MultimodalVAE):
+    """What MVAE and MoPoE share: one ELBO per subset of observed modalities, from the PoE of its experts."""
+
+    prior_expert: bool  # MVAE: N(0, I) joins every product
+    explain_all: bool  # MoPoE: each subset's z explains every observed modality (MVAE: only the subset's)
+    average: bool  # MoPoE: mean over the available subsets (the mixture weights); MVAE: their sum
+
+    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64):
+        super().__init__(specs, latent_dim)
+        self.subsets = nonempty_subsets(self.names)
+
+    @staticmethod
+    def subset_key(subset: tuple[str, ...]) -> str:
+        """``mnist_and_digits``: term names must be valid MLflow metric names ('+' is not)."""
+        return "_and_".join(subset)
+
+    @property
+    def term_names(self) -> list[str]:
+        per_subset = [f"{kind}_{self.subset_key(s)}" for s in self.subsets for kind in ("elbo", "kl")]
+        return ["bound", *per_subset, "paired_fraction"]
+
+    def loss(self, batch: dict) -> tuple[Tensor, Terms]:
+        self.check_batch(batch)
+        observed = batch["observed"]
+        batch_size = observed.shape[0]
+        record = _Recorder(self.term_names, observed.device)
+        enc = self._encode_observed(batch)
+        avail = available_subsets(self.subsets, self.names, observed)  # [S, B]
+        weight = avail.float() / avail.sum(0).clamp(min=1) if self.average else avail.float()
+        dtype = torch.promote_types(torch.float32, next(self.parameters()).dtype)
+        bound = torch.zeros(batch_size, dtype=dtype, device=observed.device)
+        for i, subset in enumerate(self.subsets):
+            rows = avail[i]
+            if not rows.any():
+                continue
+            elbo, kl = self._subset_elbo(subset, rows, enc, batch)
+            bound = bound.index_put((rows,), weight[i, rows].to(dtype) * elbo, accumulate=True)
+            record(f"elbo_{self.subset_key(subset)}", elbo)
+            record(f"kl_{self.subset_key(subset)}", kl)
+        seen = observed.any(1)
+        record("bound", bound[seen])
+        record("paired_fraction", observed.all(1).float())
+        return self.touch_all_parameters(-bound.sum() / batch_size), record.result()
+
+    def _encode_observed(self, batch: dict) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each encoder runs on its observed rows only; results sit in ``[B, L]`` tensors whose other
+        rows (mu 0, sigma 1) are fillers that no available subset ever reads."""
+        out = {}
+        for col, name in enumerate(self.names):
+            rows = batch["observed"][:, col]
+            if not rows.any():
+                continue
+            mu, sigma = (_full(t) for t in self.encoders[name](batch[name][rows]))
+            shape = (rows.shape[0], self.latent_dim)
+            out[name] = (mu.new_zeros(shape).index_put((rows,), mu), sigma.new_ones(shape).index_put((rows,), sigma))
+        return out
+
+    def _subset_elbo(self, subset: tuple[str, ...], rows: Tensor, enc: dict, batch: dict) -> tuple[Tensor, Tensor]:
+        """ELBO_S and KL(q_S || N(0, I)) on the rows where S is observed, one reparameterised sample."""
+        mus = torch.stack([enc[m][0][rows] for m in subset])
+        sigmas = torch.stack([enc[m][1][rows] for m in subset])
+        mu, sigma = obj.product_of_experts(mus, sigmas, prior=self.prior_expert)
+        z = obj.reparameterise(mu, sigma)
+        targets = self.names if self.explain_all else subset
+        log_px = sum(self._observed_log_lik(m, z, batch, rows) for m in targets)
+        kl = obj.standard_normal_kl(mu, sigma)
+        return log_px - kl, kl
+
+    def _observed_log_lik(self, name: str, z: Tensor, batch: dict, rows: Tensor) -> Tensor | float:
+        """log p(x_m|z) on the rows where m is observed, 0 elsewhere (the zero-filled data is never read)."""
+        keep = batch["observed"][rows, self.names.index(name)]
+        if not keep.any():
+            return 0.0
+        x = batch[name][rows][keep]
+        ll = self.log_likelihood(name, self.decoders[name](z[keep]), x)
+        return ll if keep.all() else ll.new_zeros(len(z)).index_put((keep,), ll)
+
+
+class MVAE(_SubsetELBOModel):
+    """Product of experts with the prior expert and sub-sampled ELBOs (Wu & Goodman 2018)."""
+
+    prior_expert, explain_all, average = True, False, False
+
+    def encode(self, modality: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The unimodal posterior is the product of that expert with the prior expert N(0, I)."""
+        mu, sigma = self.encoders[modality](x)
+        return obj.product_of_experts(mu[None], sigma[None], prior=True)
+
+
+class MoPoE(_SubsetELBOModel):
+    """Mixture of the products of experts of every observed subset (Sutter et al. 2021)."""
+
+    prior_expert, explain_all, average = False, True, True
+
+
+class MMVAE(MultimodalVAE):
+    """Mixture of experts with the stratified IWAE/DReG bound (Shi et al. 2019); paired samples only."""
+
+    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64, k: int = 10, estimator: str = "dreg"):
+        super().__init__(specs, latent_dim)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"MMVAE estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+        if k < 1:
+            raise ValueError(f"MMVAE needs k >= 1 importance samples per component, got {k}")
+        self.k, self.estimator = k, estimator
+        self._warned = False
+
+    @property
+    def term_names(self) -> list[str]:
+        cross = [f"log_p_{x}|{m}" for m in self.names for x in self.names]
+        return ["bound", *[f"bound_{m}" for m in self.names], *cross, "ignored_unpaired", "paired_fraction"]
+
+    def loss(self, batch: dict) -> tuple[Tensor, Terms]:
+        """-(sum of the stratified bound over paired samples) / B; unpaired samples add nothing."""
+        self.check_batch(batch)
+        observed = batch["observed"]
+        batch_size = observed.shape[0]
+        paired = observed.all(1)
+        record = _Recorder(self.term_names, observed.device)
+        if not paired.all():
+            self._warn_unpaired(int((~paired).sum()), batch_size)
+        total = torch.zeros((), device=observed.device)
+        if paired.any():
+            bound, per_component, log_px = self.stratified_bound({m: batch[m][paired] for m in self.names})
+            total = bound.sum()
+            record("bound", bound)
+            for i, m in enumerate(self.names):
+                record(f"bound_{m}", per_component[i])
+                for x in self.names:
+                    record(f"log_p_{x}|{m}", log_px[x][:, i].mean(0))
+        record("ignored_unpaired", (~paired).float())
+        record("paired_fraction", paired.float())
+        return self.touch_all_parameters(-total / batch_size), record.result()
+
+    def stratified_bound(self, xs: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Per-sample bound ``[n]``, per-component bounds ``[M, n]`` and log p(x|z) ``[K, M, n]`` per modality.
+
+        Noise: one ``randn(K, M, n, L)`` draw, components in ``names`` order.
+        """
+        enc = [self.encoders[m](xs[m]) for m in self.names]
+        mus = torch.stack([_full(mu) for mu, _ in enc])  # [M, n, L]
+        sigmas = torch.stack([_full(sigma) for _, sigma in enc])
+        z = obj.reparameterise(mus, sigmas, n=self.k)  # [K, M, n, L]: z[:, m] ~ q_m
+        if self.estimator == "dreg":  # the score-function path through q's parameters is dropped
+            mus, sigmas = mus.detach(), sigmas.detach()
+        log_q = obj.gaussian_log_prob(z.unsqueeze(2), mus, sigmas)  # [K, M, M'] x n: q_m'(z from m)
+        log_q_moe = torch.logsumexp(log_q, dim=2) - math.log(len(self.names))
+        log_pz = obj.gaussian_log_prob(z, torch.zeros_like(z), torch.ones_like(z))
+        log_px = {x: self.log_likelihood(x, self.decoders[x](z), xs[x]) for x in self.names}
+        log_w = log_pz + sum(log_px.values()) - log_q_moe  # [K, M, n]
+        per_component = obj.dreg_bound(log_w, z) if self.estimator == "dreg" else obj.iwae_bound(log_w)
+        return per_component.mean(0), per_component, log_px
+
+    def _warn_unpaired(self, n_unpaired: int, batch_size: int) -> None:
+        """MMVAE's objective needs every modality: say once that partially observed data is dropped."""
+        if not self._warned:
+            log.warning("MMVAE trains on paired samples only: %d of %d samples of this batch are unpaired and "
+                        "ignored (data.observed_fraction < 1); the 'ignored_unpaired' term counts them",
+                        n_unpaired, batch_size)  # fmt: skip
+            self._warned = True
+
+
+BASELINES = {"mvae": MVAE, "mmvae": MMVAE, "mopoe": MoPoE}
