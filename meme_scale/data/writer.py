@@ -1,0 +1,230 @@
+"""The one shard writer every converter uses, so every dataset obeys the same format (DESIGN 2).
+
+Output folder: ``{name}-{split}-{index:06d}.tar`` shards (webdataset TarWriter), ``sizes.json``
+({shard file name: samples}) and ``meta.json`` (format_version, name, modalities, label, splits,
+source). Sample keys are the index within the split, zero-padded to 9 digits; images are PNG
+(uint8, [1,H,W] grayscale or [3,H,W] RGB), vectors float32 ``.npy`` of shape [D], labels ASCII.
+
+Why the temporary folder: a crashed or interrupted conversion must never leave a shard set that
+looks complete. Everything is written into ``OUT.tmp-<pid>``, read back with the reader's own tar
+iteration (counts against sizes.json, every field present, unique keys), and only then renamed
+to OUT. Replacing an existing OUT needs ``overwrite=True``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from .shards import FORMAT_VERSION, SPLITS, iter_shard, read_meta, required_fields, shard_paths
+
+EXTENSIONS = {"image": "png", "vector": "npy"}  # "caption" (caption.txt, shape [32]) is reserved
+LABEL_FIELD = "label.cls"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # webdataset lower-cases field suffixes: keep names lower-case
+
+
+def modality_spec(name: str, kind: str, shape: Iterable[int]) -> dict:
+    """meta.json entry for a modality: {"kind", "field", "shape"}; validates name, kind and shape."""
+    if not _NAME.match(name) or name == "label":
+        raise ValueError(f"modality name {name!r} must match {_NAME.pattern} and not be 'label'")
+    if kind not in EXTENSIONS:
+        raise ValueError(f"modality {name!r}: kind {kind!r} is not supported (supported: {sorted(EXTENSIONS)})")
+    shape = [int(d) for d in shape]
+    if kind == "image" and (len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1):
+        raise ValueError(f"image modality {name!r}: shape must be [1|3, H, W], got {shape}")
+    if kind == "vector" and (len(shape) != 1 or shape[0] < 1):
+        raise ValueError(f"vector modality {name!r}: shape must be [D], got {shape}")
+    return {"kind": kind, "field": f"{name}.{EXTENSIONS[kind]}", "shape": shape}
+
+
+def check_output(out_dir: str, overwrite: bool) -> None:
+    """Refuse an existing output folder unless overwriting; converters call it before slow work."""
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def _encode_png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode_npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Write a dataset split by split; publish atomically on ``finish()`` (or a clean ``with`` exit).
+
+    ``modalities`` maps a name to {"kind": "image"|"vector", "shape": [...]}; ``label_names`` is
+    the class list (None: the dataset has no labels). Samples are dicts {modality: array,
+    "label": int | None}.
+    """
+
+    def __init__(self, out_dir: str, name: str, modalities: Mapping[str, Mapping[str, Any]],
+                 label_names: list[str] | None, *, samples_per_shard: int = 1000,
+                 source: dict | None = None, overwrite: bool = False):
+        if not re.match(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*$", name):
+            raise ValueError(f"dataset name {name!r} may hold letters, digits, '_', '.', single '-'")
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if not modalities:
+            raise ValueError("a dataset needs at least one modality")
+        self.out = os.path.abspath(out_dir)
+        self.overwrite = overwrite
+        self._refuse_existing()
+        self.name, self.samples_per_shard = name, samples_per_shard
+        self.modalities = {m: modality_spec(m, s["kind"], s["shape"]) for m, s in modalities.items()}
+        self.label_names = None if label_names is None else [str(n) for n in label_names]
+        self.source = dict(source or {})
+        self.sizes: dict[str, int] = {}
+        self.splits: dict[str, int] = {}
+        self.tmp = f"{self.out}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp)
+        self._done = False
+
+    def _refuse_existing(self) -> None:
+        check_output(self.out, self.overwrite)
+
+    def meta(self) -> dict:
+        """meta.json content for what has been written so far."""
+        label = None if self.label_names is None else {"field": LABEL_FIELD, "names": self.label_names}
+        return {"format_version": FORMAT_VERSION, "name": self.name, "modalities": self.modalities,
+                "label": label, "splits": dict(self.splits), "source": self.source}
+
+    def _encode(self, split: str, index: int, sample: Mapping[str, Any]) -> dict[str, Any]:
+        where = f"{split} sample {index}"
+        unknown = set(sample) - set(self.modalities) - {"label"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; modalities are {list(self.modalities)}")
+        out: dict[str, Any] = {"__key__": f"{index:09d}"}
+        for m, spec in self.modalities.items():
+            if m not in sample:
+                raise ValueError(f"{where}: modality {m!r} is missing")
+            a = np.asarray(sample[m])
+            if list(a.shape) != spec["shape"]:
+                raise ValueError(f"modality {m!r}, {where}: shape {list(a.shape)} does not match "
+                                 f"declared shape {spec['shape']}")
+            if spec["kind"] == "image":
+                if a.dtype != np.uint8:
+                    raise ValueError(f"modality {m!r}, {where}: images are stored as uint8 0..255, got {a.dtype}")
+                out[spec["field"]] = _encode_png(a)
+            else:
+                if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
+                    raise ValueError(f"modality {m!r}, {where}: vectors must be finite numbers, got {a.dtype}")
+                out[spec["field"]] = _encode_npy(a)
+        label = sample.get("label")
+        if self.label_names is None:
+            if label is not None:
+                raise ValueError(f"{where}: has label {label!r} but the dataset declares no labels")
+        else:
+            if isinstance(label, bool) or not isinstance(label, (int, np.integer)) \
+                    or not 0 <= int(label) < len(self.label_names):
+                raise ValueError(f"{where}: label must be an int in [0, {len(self.label_names)}), got {label!r}")
+            out[LABEL_FIELD] = str(int(label)).encode("ascii")
+        return out
+
+    def write_split(self, split: str, samples: Iterable[Mapping[str, Any]]) -> int:
+        """Write one split's samples into shards of ``samples_per_shard``; returns the count."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split in self.splits:
+            raise ValueError(f"split {split!r} was already written")
+        if self._done:
+            raise RuntimeError("writer already finished")
+        count, tar, shard = 0, None, ""
+        try:
+            for sample in samples:
+                if count % self.samples_per_shard == 0:
+                    if tar is not None:
+                        tar.close()
+                    shard = f"{self.name}-{split}-{count // self.samples_per_shard:06d}.tar"
+                    tar = wds.TarWriter(os.path.join(self.tmp, shard), encoder=False, mtime=0)  # int: no PAX header
+                    self.sizes[shard] = 0
+                tar.write(self._encode(split, count, sample))
+                self.sizes[shard] += 1
+                count += 1
+        finally:
+            if tar is not None:
+                tar.close()
+        if count == 0:
+            raise ValueError(f"split {split!r} has no samples")
+        self.splits[split] = count
+        return count
+
+    def finish(self) -> dict:
+        """Write sizes.json and meta.json, validate everything, then move the folder into place."""
+        if self._done:
+            raise RuntimeError("writer already finished")
+        if not self.splits:
+            raise ValueError("no split was written")
+        meta = self.meta()
+        for fname, obj in (("sizes.json", self.sizes), ("meta.json", meta)):
+            with open(os.path.join(self.tmp, fname), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=1)
+                f.write("\n")
+        validate_dataset(self.tmp)
+        self._refuse_existing()
+        old = f"{self.out}.old-{os.getpid()}"
+        if os.path.exists(self.out):
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return meta
+
+    def abort(self) -> None:
+        """Delete the temporary folder; OUT is left as it was."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+def validate_dataset(root: str) -> dict[str, int]:
+    """Read every shard back; check counts vs sizes.json and meta splits, fields, unique int keys.
+
+    Returns {split: samples}. Does not decode images (the reader checks shapes when decoding).
+    """
+    meta = read_meta(root)
+    fields = required_fields(meta, meta["modalities"])
+    listed = set(meta["sizes"])
+    on_disk = {n for n in os.listdir(root) if n.endswith(".tar")}
+    if on_disk - listed:
+        raise ValueError(f"{root}: shard(s) not listed in sizes.json: {sorted(on_disk - listed)}")
+    counts: dict[str, int] = {}
+    for split, expected in meta["splits"].items():
+        keys: set[str] = set()
+        for path in shard_paths(root, split):
+            for raw in iter_shard(path, meta["sizes"][os.path.basename(path)], fields):
+                key = raw["__key__"]
+                if not (key.isascii() and key.isdigit()) or key in keys:
+                    raise ValueError(f"shard {os.path.basename(path)}: key {key!r} is not a unique integer key")
+                keys.add(key)
+        if len(keys) != expected:
+            raise ValueError(f"{root}: split {split!r} has {len(keys)} samples, meta.json says {expected}")
+        counts[split] = len(keys)
+    unused = listed - {os.path.basename(p) for s in meta["splits"] for p in shard_paths(root, s)}
+    if unused:
+        raise ValueError(f"{root}: sizes.json lists shards of no split in meta.json: {sorted(unused)}")
+    return counts
