@@ -84,7 +84,11 @@ def mixture_log_prob(z: Tensor, mus: Tensor, sigmas: Tensor) -> Tensor:
 
 
 def reparameterise(mu: Tensor, sigma: Tensor, n: int | None = None) -> Tensor:
-    """z = mu + sigma * eps; ``n`` prepends a dimension of ``n`` independent samples."""
+    """z = mu + sigma * eps; ``n`` prepends a dimension of ``n`` independent samples.
+
+    Computed in (at least) float32: a bf16 z is too coarse for log q(z|x) when sigma is ~1e-3.
+    """
+    mu, sigma = _full(mu), _full(sigma)
     shape = mu.shape if n is None else (n, *mu.shape)
     return mu + sigma * torch.randn(shape, dtype=mu.dtype, device=mu.device)
 

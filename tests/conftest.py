@@ -63,3 +63,17 @@ def train_args(data: Path, run_dir: Path, *overrides: str, config: str = "config
     """train.py arguments for a short quickstart run (small batches so CPU tests stay quick)."""
     return ["--config", config, f"data.root={data}", f"run.dir={run_dir}", "train.micro_batch_size=32",
             "run.log_every=2", "run.eval_every=1000", "run.eval_max_batches=2", "run.progress=lines", *overrides]  # fmt: skip
+
+
+def start_ranks(args: list[str], nproc: int = 2, log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """One plain process per rank with RANK/WORLD_SIZE set, the way srun starts them (signals reach each)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(nproc),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+               "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "meme_scale" / "train.py"), *args], cwd=ROOT,
+                                      env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+    return procs

@@ -8,7 +8,6 @@ from torch import distributions as D
 
 from meme_scale import objectives as obj
 
-torch.set_default_dtype(torch.float64)
 B, L, DX, DY = 5, 3, 6, 4
 
 
@@ -34,6 +33,15 @@ class Gaussian(torch.nn.Module):
 
 def laplace_lik(params, data):
     return obj.laplace_log_prob(data, params, 1.0)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact comparisons in float64, restored afterwards so other test modules keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @pytest.fixture()

@@ -57,7 +57,8 @@ class SampleDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
-        out = self.body(z.reshape(-1, z.shape[-1]))
+        weight = next(self.body.parameters())
+        out = self.body(z.reshape(-1, z.shape[-1]).to(weight.dtype))  # fp32 latents into bf16 weights
         return out.reshape(*lead, *self.out_shape)
 
 
