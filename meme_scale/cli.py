@@ -1,6 +1,7 @@
 """``meme-scale`` command: one entry for the project's verbs.
 
     meme-scale train --config configs/quickstart.yaml [key=value ...]   (one process; use deepspeed/torchrun for more)
+    meme-scale eval --checkpoint runs/quickstart/checkpoints --config configs/quickstart.yaml [--out report.json]
 """
 
 from __future__ import annotations
@@ -13,13 +14,36 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="meme-scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("verb", choices=["train"], help="what to do")
+    parser.add_argument("verb", choices=["train", "eval"], help="what to do")
     args, rest = parser.parse_known_args(argv[:1])
     if args.verb == "train":
         from .train import main as train_main
 
         return train_main(argv[1:])
+    if args.verb == "eval":
+        return eval_main(argv[1:])
     return 2
+
+
+def eval_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meme-scale eval", description="Evaluate a checkpoint or an export "
+                                     "(coherence, latent accuracy, relatedness); runs under torchrun too.")  # fmt: skip
+    parser.add_argument("--checkpoint", required=True, help="checkpoints dir, one step_* dir, or an exported .pt")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--out", default=None, help="JSON report (default: <run.dir>/eval_report.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(cfg, args.checkpoint, args.out)
+    return 0
 
 
 if __name__ == "__main__":

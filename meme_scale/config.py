@@ -89,12 +89,22 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    classifiers: str = ""  # folder of <modality>.pt from tools/train_classifiers.py; "": <data.root>/classifiers
+    joint_samples: int = 1000  # prior samples for joint coherence
+    latent_train_samples: int = 2000  # training examples whose latents fit the linear probe
+    latent_epochs: int = 30
+    seed: int = 0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {

@@ -1,19 +1,22 @@
-"""Evaluation during and after training: held-out loss terms and the pictures of a model.
-
-Every rank evaluates its share of the eval split (each sample once) and the sums are all-reduced
-once at the end, so the numbers do not depend on the number of ranks.
-"""
+"""Evaluation during and after training (DESIGN 4): held-out loss terms, cross and joint coherence,
+latent accuracy, relatedness (W2) and the pictures of a model."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterator
 
 import torch
 
-from .engine import all_reduce_sum
+from . import metrics
+from .classifiers import load_classifier
+from .data.shards import eval_batches, read_meta
+from .engine import all_reduce_sum, broadcast_object
 from .models import MultimodalVAE
-from .pictures import save_grid
+from .pictures import caption_texts, save_grid
+
+log = logging.getLogger("meme_scale")
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype = torch.float32) -> dict:
@@ -28,43 +31,143 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype = torc
     return out
 
 
-@torch.no_grad()
-def evaluate_loss(model: MultimodalVAE, batches: Iterable[dict], device: torch.device,
-                  float_dtype: torch.dtype = torch.float32, max_batches: int = 0) -> dict[str, float]:  # fmt: skip
-    """Mean loss terms over the eval split, identical for any number of ranks (same seed)."""
-    with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's random stream
-        torch.manual_seed(0)
-        return _evaluate_loss(model, batches, device, float_dtype, max_batches)
+class Evaluator:
+    """All of DESIGN 4 on a held-out split, the same numbers for any number of ranks.
 
+    The split is cut into global chunks of ``batch_size`` samples; chunk ``j`` goes to rank
+    ``j % world_size`` and its random draws are seeded by ``(eval.seed, j)``. Counts and sums are
+    all-reduced once; rows needed whole (latents, W2 values) are gathered with their global index
+    and sorted, so the linear probe sees the same data in the same order on any world size.
+    Every rank reads the whole split but decodes it only to skip: cheap for eval-sized splits.
+    """
 
-def _evaluate_loss(model, batches, device, float_dtype, max_batches) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    names = None
-    local = None
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        batch = to_device(batch, device, float_dtype)
-        loss, terms = model.loss(batch)
-        n = batch["observed"].shape[0]
-        stacked = torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=device)])[None]
-        stacked = torch.cat([stacked, torch.stack(list(terms.values())).float()])
-        names = names or ["loss", *terms]
-        local = stacked if local is None else local + stacked
-    if names is None:  # this rank had nothing to evaluate; it still joins the reduction
+    def __init__(self, model: MultimodalVAE, cfg, rank: int, world_size: int, device: torch.device,
+                 float_dtype: torch.dtype = torch.float32):  # fmt: skip
+        self.model, self.cfg = model, cfg
+        self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, float_dtype
+        self.meta = read_meta(cfg.data.root)
+        self.has_labels = bool(self.meta.get("label"))
+        self.classifiers = self._load_classifiers()
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _load_classifiers(self) -> dict | None:
+        folder = Path(self.cfg.eval.classifiers or Path(self.cfg.data.root) / "classifiers")
+        paths = {m: folder / f"{m}.pt" for m in self.model.names}
+        if not self.has_labels or not all(p.is_file() for p in paths.values()):
+            if self.rank == 0:
+                log.info("no classifiers for %s in %s: coherence is skipped (tools/train_classifiers.py --shards %s)",
+                         "+".join(self.model.names), folder, self.cfg.data.root)  # fmt: skip
+            return None
+        return {m: load_classifier(p, map_location=self.device) for m, p in paths.items()}
+
+    def _chunks(self, split: str, max_chunks: int = 0) -> Iterator[tuple[int, dict]]:
+        batches = eval_batches(self.cfg.data.root, split, self.cfg.train.micro_batch_size,
+                               modalities=self.model.names, rank=0, world_size=1)  # fmt: skip
+        for j, batch in enumerate(batches):
+            if max_chunks and j >= max_chunks:
+                return
+            if j % self.world_size == self.rank:
+                yield j, to_device(batch, self.device, self.dtype)
+
+    def _seeded(self, *parts: int):
+        torch.manual_seed(hash((self.cfg.eval.seed, *parts)) % (2**31))
+
+    # -- the pass over the eval split -----------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, max_batches: int = 0, histogram: str | Path | None = None) -> dict[str, float]:
+        with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training run's random stream
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                return self._evaluate(max_batches, histogram)
+            finally:
+                self.model.train(was_training)
+
+    def _evaluate(self, max_batches: int, histogram) -> dict[str, float]:
+        model, (s, t) = self.model, self.model.names
         names = ["loss", *model.term_names]
-        local = torch.zeros(len(names), 2, device=device)
-    total = all_reduce_sum(local)
-    model.train(was_training)
-    return {f"eval/{name}": s / c for name, (s, c) in zip(names, total.tolist()) if c > 0}
+        sums = torch.zeros(len(names) + 3, 2, device=self.device)  # loss terms, s->t, t->s, joint
+        test_rows: dict[str, list] = {"w2": [], s: [], t: []}
+        for j, batch in self._chunks(self.cfg.data.eval_split, max_batches):
+            n = batch["observed"].shape[0]
+            self._seeded(j)
+            loss, terms = model.loss(batch)
+            sums[0] += torch.stack([loss.float() * n, torch.tensor(float(n), device=self.device)])
+            sums[1:len(names)] += torch.stack(list(terms.values())).float()
+            index = torch.arange(j * n, (j + 1) * n, device=self.device, dtype=torch.float32)[:, None]
+            if self.classifiers is not None:
+                sums[-3] += metrics.cross_coherence_counts(model, s, t, batch[s], batch["label"], self.classifiers[t])
+                sums[-2] += metrics.cross_coherence_counts(model, t, s, batch[t], batch["label"], self.classifiers[s])
+            paired, mismatched = metrics.relatedness(model, batch[s], batch[t], torch.Generator().manual_seed(j))
+            test_rows["w2"].append(torch.cat([index, paired[:, None], mismatched[:, None]], 1))
+            for m in (s, t):
+                z = metrics.sample_latents(model, m, batch[m])
+                test_rows[m].append(torch.cat([index, batch["label"][:, None].float(), z], 1))
+        if self.classifiers is not None:
+            sums[-1] += self._joint_counts()
+        total = all_reduce_sum(sums).tolist()
+
+        out = {f"eval/{k}": a / c for k, (a, c) in zip(names, total) if c > 0}
+        if self.classifiers is not None:
+            for key, (a, c) in zip((f"coherence_{s}_to_{t}", f"coherence_{t}_to_{s}", "coherence_joint"), total[-3:]):
+                out[f"eval/{key}"] = a / max(c, 1)
+            out["eval/cross_coherence"] = (out[f"eval/coherence_{s}_to_{t}"] + out[f"eval/coherence_{t}_to_{s}"]) / 2
+            for m, clf in self.classifiers.items():
+                out[f"eval/classifier_accuracy_{m}"] = float(clf.test_accuracy)
+        w2 = self._gather(test_rows["w2"], 3)
+        if len(w2):
+            out["eval/w2_paired"], out["eval/w2_mismatched"] = w2[:, 1].mean().item(), w2[:, 2].mean().item()
+            if histogram is not None and self.rank == 0:
+                metrics.relatedness_histogram_png(w2[:, 1], w2[:, 2], histogram, title=f"W2 between q(z|{s}) and q(z|{t})")
+        if self.has_labels:
+            out.update(self._latent_accuracy(test_rows))
+        return broadcast_object(out)
+
+    def _joint_counts(self) -> torch.Tensor:
+        counts = torch.zeros(2, device=self.device)
+        size = self.cfg.train.micro_batch_size
+        n_chunks = -(-self.cfg.eval.joint_samples // size)
+        for j in range(self.rank, n_chunks, self.world_size):
+            self._seeded(1, j)
+            n = min(size, self.cfg.eval.joint_samples - j * size)
+            counts += metrics.joint_coherence_counts(self.model, n, self.classifiers)
+        return counts
+
+    def _gather(self, rows: list[torch.Tensor], width: int, capacity: int | None = None) -> torch.Tensor:
+        """Every rank's rows, ordered by their global index (column 0)."""
+        local = torch.cat(rows) if rows else torch.zeros(0, width, device=self.device)
+        cap = capacity or int(all_reduce_sum(torch.tensor([float(len(local))])).item())  # an upper bound per rank
+        packed = all_reduce_sum(metrics.pack_rows(local, self.rank, self.world_size, max(cap, 1)))
+        gathered = metrics.unpack_rows(packed)
+        return gathered[gathered[:, 0].argsort()]
+
+    def _latent_accuracy(self, test_rows: dict[str, list]) -> dict[str, float]:
+        limit = -(-self.cfg.eval.latent_train_samples // self.cfg.train.micro_batch_size)
+        train_rows: dict[str, list] = {m: [] for m in self.model.names}
+        for j, batch in self._chunks(self.cfg.data.train_split, limit):
+            n = batch["observed"].shape[0]
+            self._seeded(2, j)
+            index = torch.arange(j * n, (j + 1) * n, device=self.device, dtype=torch.float32)[:, None]
+            for m in self.model.names:
+                z = metrics.sample_latents(self.model, m, batch[m])
+                train_rows[m].append(torch.cat([index, batch["label"][:, None].float(), z], 1))
+        out = {}
+        width = 2 + self.model.latent_dim
+        for m in self.model.names:
+            train, test = self._gather(train_rows[m], width), self._gather(test_rows[m], width)
+            if len(train) and len(test) and self.rank == 0:
+                out[f"eval/latent_accuracy_{m}"] = metrics.latent_accuracy(
+                    train[:, 2:], train[:, 1].long(), test[:, 2:], test[:, 1].long(),
+                    epochs=self.cfg.eval.latent_epochs, seed=self.cfg.eval.seed)  # fmt: skip
+        return out
 
 
 @torch.no_grad()
 def picture_grid(model: MultimodalVAE, batch: dict, path: str | Path, device: torch.device,
                  float_dtype: torch.dtype = torch.float32, n: int = 10) -> Path | None:  # fmt: skip
-    """Data, reconstructions, cross-generations and prior samples for image modalities."""
-    images = [name for name in model.names if model.specs[name].kind == "image"]
+    """Data, reconstructions, cross-generations and prior samples for image modalities (captions as text)."""
+    texts = caption_texts(batch.get("tokenizers"))  # caption modality -> ids to strings
+    images = [name for name in model.names if model.specs[name].kind == "image" or name in texts]
     if not images:
         return None
     was_training = model.training
@@ -72,19 +175,59 @@ def picture_grid(model: MultimodalVAE, batch: dict, path: str | Path, device: to
     batch = to_device({k: v[:n] for k, v in batch.items() if isinstance(v, torch.Tensor)}, device, float_dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        rows = _rows(model, batch, images, n)
+        rows = _rows(model, batch, images, n, lambda name, x: texts[name](x) if name in texts else x)
     model.train(was_training)
     return save_grid(rows, path)
 
 
-def _rows(model: MultimodalVAE, batch: dict, images: list[str], n: int) -> list:
+def _rows(model: MultimodalVAE, batch: dict, images: list[str], n: int, show=lambda name, x: x) -> list:
     rows = []
     s, t = model.names
     for x, y in ((s, t), (t, s)):
         if x not in images:
             continue
-        rows.append((f"{x} data", batch[x]))
-        rows.append((f"{x} recon", model.reconstruct(x, batch[x])))
-        rows.append((f"{y}->{x}", model.cross_generate(y, x, batch[y])))
+        rows.append((f"{x} data", show(x, batch[x])))
+        rows.append((f"{x} recon", show(x, model.reconstruct(x, batch[x]))))
+        rows.append((f"{y}->{x}", show(x, model.cross_generate(y, x, batch[y]))))
     joint = model.sample_prior(n)
-    return rows + [(f"prior {name}", joint[name]) for name in images]
+    return rows + [(f"prior {name}", show(name, joint[name])) for name in images]
+
+
+def load_weights(path: str | Path) -> tuple[dict, int | None]:
+    """(state_dict, step) from an exported ``.pt`` file or a checkpoint directory (newest complete tag)."""
+    from .checkpoint import consolidated_state_dict, read_meta as read_checkpoint_meta, resolve
+
+    path = Path(path)
+    if path.is_file():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or "state_dict" not in payload:
+            raise ValueError(f"{path}: not an export of tools/export.py (no 'state_dict')")
+        return payload["state_dict"], payload.get("step")
+    ckpt_dir, tag = resolve(path)
+    return consolidated_state_dict(ckpt_dir, tag), read_checkpoint_meta(ckpt_dir, tag)["step"]
+
+
+def evaluate_checkpoint(cfg, checkpoint: str | Path, out: str | Path | None = None) -> dict:
+    """``meme-scale eval``: the full evaluation of a checkpoint or export, on however many ranks run it."""
+    import json
+
+    from .engine import init_distributed
+    from .models import build_model, modality_specs
+
+    info = init_distributed()
+    model = build_model(cfg.model, modality_specs(cfg.model, read_meta(cfg.data.root)))
+    state, step = load_weights(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint} does not fit model {cfg.model.name!r}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")  # fmt: skip
+    model.to(info.device)
+    out = Path(out or Path(cfg.run.dir) / "eval_report.json")
+    report = {"checkpoint": str(checkpoint), "step": step, "world_size": info.world_size,
+              **Evaluator(model, cfg, info.rank, info.world_size, info.device)(
+                  histogram=out.with_name(out.stem + "_relatedness.png"))}  # fmt: skip
+    if info.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+    return report

@@ -17,7 +17,7 @@ from . import checkpoint
 from .config import Config, deepspeed_config, dump_yaml, flatten
 from .data.shards import TrainStream, eval_batches, read_meta
 from .engine import DistInfo, all_reduce_sum, build_engine, init_distributed
-from .evaluate import evaluate_loss, picture_grid, to_device
+from .evaluate import Evaluator, picture_grid, to_device
 from .models import build_model, count_parameters, modality_specs
 from .preemption import StopFlag, requeue_slurm_job
 from .progress import Progress
@@ -105,8 +105,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     stream = iter(train_data)
     stop = StopFlag()
     progress = Progress(cfg.train.max_steps, state.step, cfg.run.progress, enabled=info.is_main)
-    eval_split = lambda: eval_batches(cfg.data.root, cfg.data.eval_split, cfg.train.micro_batch_size,  # noqa: E731
-                                      modalities=names, rank=info.rank, world_size=info.world_size)  # fmt: skip
+    evaluator = Evaluator(engine.module, cfg, info.rank, info.world_size, info.device, dtype)
     window = _Window(info.device)
     consecutive_nan = 0
     stopped_by = None
@@ -151,7 +150,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 progress.update(state.step, metrics["samples_per_s"], metrics)
                 window = _Window(info.device)
             if state.step % cfg.run.eval_every == 0 or state.step == cfg.train.max_steps:
-                metrics = _evaluate(engine.module, cfg, info, dtype, eval_split, tracker, run_dir, state.step)
+                metrics = _evaluate(evaluator, cfg, info, tracker, run_dir, state.step)
                 if report is not None:
                     report(metrics, state.step)
             if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.train.max_steps or stopped_by:
@@ -238,16 +237,22 @@ def _position_after(train_data: TrainStream, epoch: int, index: int) -> tuple[in
     return (epoch + 1, 0) if index + 1 >= train_data.steps_per_epoch(epoch) else (epoch, index + 1)
 
 
-def _evaluate(model, cfg, info, dtype, eval_split, tracker, run_dir, step) -> dict[str, float]:
-    metrics = evaluate_loss(model, eval_split(), info.device, dtype, cfg.run.eval_max_batches)
+def _evaluate(evaluator: Evaluator, cfg: Config, info: DistInfo, tracker, run_dir: Path, step: int) -> dict:
+    pictures = run_dir / "pictures"
+    metrics = evaluator(cfg.run.eval_max_batches, histogram=pictures / f"relatedness_{step:08d}.png")
     if info.is_main:
+        model = evaluator.model
         batch = next(iter(eval_batches(cfg.data.root, cfg.data.eval_split, 16, modalities=model.names, rank=0,
                                        world_size=1)))  # fmt: skip
-        path = picture_grid(model, batch, run_dir / "pictures" / f"step_{step:08d}.png", info.device, dtype)
-        if path is not None:
-            tracker.log_artifact(path, "pictures")
+        grid = picture_grid(model, batch, pictures / f"step_{step:08d}.png", info.device, evaluator.dtype)
+        for path in (grid, pictures / f"relatedness_{step:08d}.png"):
+            if path is not None and path.exists():
+                tracker.log_artifact(path, "pictures")
         tracker.log_metrics(metrics, step)
-        log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/J" in k or "loss" in k))
+        (run_dir / "eval_report.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        shown = ("loss", "coherence", "latent_accuracy", "w2")
+        log.info("eval at step %d: %s", step, " ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items()
+                                                          if any(w in k for w in shown)))  # fmt: skip
     return metrics
 
 

@@ -1,0 +1,68 @@
+"""Evaluation end to end: classifiers, 1 rank == 2 ranks, export == checkpoint, and during training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BIN, ROOT, free_port, launch, summary, train_args
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(quickstart_shards, tmp_path_factory):
+    """Classifiers (a short schedule) and a briefly trained MEME with evaluation at its last step."""
+    subprocess.run([sys.executable, str(ROOT / "tools" / "train_classifiers.py"), "--shards", str(quickstart_shards),
+                    "--epochs", "2"], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=30", "run.eval_max_batches=0",
+                                "eval.joint_samples=200", "eval.latent_train_samples=500"), nproc=1)  # fmt: skip
+    return quickstart_shards, run_dir
+
+
+def _eval(launcher: list[str], data, run_dir, checkpoint, out) -> dict:
+    cmd = [*launcher, "-m", "meme_scale.cli", "eval", "--checkpoint", str(checkpoint), "--config",
+           "configs/quickstart.yaml", "--out", str(out), f"data.root={data}", "train.micro_batch_size=32",
+           "eval.joint_samples=200", "eval.latent_train_samples=500"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_classifiers_are_saved_with_their_accuracy(trained):
+    data, _ = trained
+    for name in ("mnist", "digits"):
+        from meme_scale.classifiers import load_classifier
+
+        assert load_classifier(data / "classifiers" / f"{name}.pt").test_accuracy > 0.8
+
+
+def test_two_ranks_equal_one_rank_and_export_equals_checkpoint(trained, tmp_path):
+    data, run_dir = trained
+    one = _eval([sys.executable], data, run_dir, run_dir / "final" / "model.pt", tmp_path / "one.json")
+    two = _eval([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], data, run_dir,
+                run_dir / "checkpoints", tmp_path / "two.json")  # fmt: skip
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    keys = [k for k in one if k.startswith("eval/")]
+    assert {"eval/cross_coherence", "eval/coherence_joint", "eval/latent_accuracy_mnist", "eval/w2_paired"} <= set(keys)
+    for key in keys:  # counts are exact; sums differ only by float summation order
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    assert (tmp_path / "one_relatedness.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the numbers logged during training at the last step are the checkpoint's numbers
+    during = json.loads((run_dir / "eval_report.json").read_text())
+    for key in keys:
+        assert during[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_training_logs_metrics_and_pictures(trained):
+    _, run_dir = trained
+    info = summary(run_dir)
+    assert 0.0 <= info["final"]["eval/cross_coherence"] <= 1.0
+    assert info["final"]["eval/w2_mismatched"] > 0
+    assert (run_dir / "pictures" / "relatedness_00000030.png").is_file()
