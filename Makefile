@@ -1,8 +1,10 @@
-# Two entry points a new user needs: `make quickstart` and `make test`.
+# The two entry points a new user needs: `make quickstart` and `make test`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints.txt
+DATA ?= data/quickstart
+ARGS ?=
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup quickstart test clean
@@ -16,9 +18,15 @@ $(BIN)/activate: pyproject.toml constraints.txt
 
 setup: $(BIN)/activate
 
-quickstart: setup
-	$(BIN)/python tools/make_shards.py quickstart --out data/quickstart
-	$(BIN)/deepspeed --num_gpus 2 meme_scale/train.py --config configs/quickstart.yaml
+$(DATA)/meta.json: | setup
+	$(BIN)/python tools/make_shards.py quickstart --out $(DATA)
+
+$(DATA)/classifiers/mnist.pt: $(DATA)/meta.json
+	$(BIN)/python tools/train_classifiers.py --shards $(DATA) --epochs 10
+
+# 2 CPU ranks (gloo) through the DeepSpeed launcher; ARGS takes key=value overrides.
+quickstart: $(DATA)/classifiers/mnist.pt
+	$(BIN)/deepspeed --num_gpus 2 meme_scale/train.py --config configs/quickstart.yaml --resume auto data.root=$(DATA) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q
