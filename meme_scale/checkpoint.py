@@ -111,21 +111,39 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
-    """Restores engine state (weights, optimizer, loss scaler, step counters) and this rank's RNG."""
+    """Restores engine state (weights, optimizer, loss scaler, step counters) and this rank's RNG.
+
+    With another world size, ZeRO-1/2 optimizer partitions cannot be re-split by DeepSpeed: the
+    weights are restored from the consolidated fp32 state, the optimizer's moments start afresh.
+    """
     meta = read_meta(ckpt_dir, tag)
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    same_world = meta.get("world_size") == world_size
+    if same_world or engine.zero_optimization_stage() == 0:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)  # fmt: skip
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    else:
+        _load_weights_only(engine, consolidated_state_dict(ckpt_dir, tag))
+        engine.global_steps = meta["step"]
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
-    if meta.get("world_size") == world_size and rank_file.exists():
+    if same_world and rank_file.exists():
         set_rng_state(torch.load(rank_file, weights_only=True))
     elif rank == 0:
         log.warning(
-            "checkpoint %s was written by %s ranks, resuming with %s: the data order and random draws "
-            "differ from an uninterrupted run from here on",
-            tag, meta.get("world_size"), world_size,
+            "checkpoint %s was written by %s ranks, resuming with %s: the data order and random draws differ "
+            "from an uninterrupted run from here on%s", tag, meta.get("world_size"), world_size,
+            "" if engine.zero_optimization_stage() == 0 else "; ZeRO optimizer moments were re-initialised",
         )  # fmt: skip
     return meta
+
+
+def _load_weights_only(engine, state: dict[str, torch.Tensor]) -> None:
+    module_state = engine.module.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            module_state[name].copy_(value.to(module_state[name].dtype))
+    engine.optimizer.refresh_fp32_params()  # ZeRO's fp32 partitions follow the module's weights
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -80,6 +80,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
         saved = checkpoint.load(engine, ckpt_dir, tag, info.rank, info.world_size)
         state = State(step=saved["step"], epoch=saved["epoch"], batch=saved["batch"], samples=saved["samples"],
                       nan_skipped=saved["nan_skipped"], run_id=saved["run_id"])  # fmt: skip
+        if saved["world_size"] != info.world_size:  # positions were counted in the old per-rank batches
+            state.epoch, state.batch = state.epoch + 1, 0
         if info.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir / tag, state.step, state.epoch, state.batch)
     if tag is None:  # per-rank noise from here on; a resumed run restores each rank's own RNG instead

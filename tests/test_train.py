@@ -34,6 +34,10 @@ def test_deepspeed_zero2_bf16_ranks_stay_in_sync_and_resume(quickstart_shards, t
     assert second["step"] == 9 and second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["parameter_digest_per_rank"][0] == second["parameter_digest_per_rank"][1]
 
+    # another world size resumes too, and says that the data order changed
+    proc = launch("python", args[:-1] + ["train.max_steps=11", "--resume", "auto"], nproc=1)
+    assert "data order" in proc.stderr and summary(run_dir)["step"] == 11
+
 
 def test_stop_and_resume_equals_uninterrupted(quickstart_shards, tmp_path):
     """fp32, ZeRO-2, 2 ranks, one data worker: stopped three times == never stopped, parameter for parameter."""
