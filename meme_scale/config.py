@@ -202,6 +202,11 @@ def _convert(hint: Any, value: Any, key: str, source: str):
         return [_convert(item, v, f"{key}.{i}", source) for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"internal: union-typed key {key!r} is not supported")
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

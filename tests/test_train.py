@@ -9,6 +9,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import launch, summary, train_args
+from meme_scale.checkpoint import complete_tags, export
+from meme_scale.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +112,19 @@ def test_refuses_to_overwrite_a_run_without_resume(quickstart_shards, tmp_path):
     proc = launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=4"), nproc=1, check=False)
     assert proc.returncode != 0 and "--resume auto" in proc.stderr
     assert summary(run_dir)["step"] == 2
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(quickstart_shards, tmp_path):
+    """A diverging run (lr 1e30): NaN steps are skipped and counted; after 3 in a row the run stops."""
+    run_dir = tmp_path / "run"
+    proc = launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=50", "optim.lr=1e30",
+                                       "run.checkpoint_every=1", "train.max_consecutive_nan=3", "run.log_every=1"),
+                  nproc=1, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "3 consecutive non-finite losses" in proc.stderr and proc.stderr.count("non-finite loss at step") == 3
+    tags = complete_tags(run_dir / "checkpoints")
+    assert tags == ["step_00000001"]  # the last good step, complete and exportable
+    out = export(run_dir / "checkpoints", tmp_path / "good.pt")
+    assert torch.load(out, weights_only=True)["step"] == 1
+    runs = MlflowClient(default_tracking_uri(run_dir)).search_runs(["1"])
+    assert [r.info.status for r in runs] == ["FAILED"]
