@@ -85,7 +85,7 @@ class RunConfig:
     eval_max_batches: int = 0  # 0: the whole eval split
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
-    progress: str = "auto"  # auto (a bar on a terminal, lines otherwise) | bar | lines | off
+    progress: str = "auto"  # auto (a bar on a terminal, lines otherwise) | bar | lines | none (YAML reads a bare off as false)
 
 
 @dataclass
@@ -114,7 +114,7 @@ CHOICES = {
     "data.missing": ("s", "t", "either"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2),
-    "run.progress": ("auto", "bar", "lines", "off"),
+    "run.progress": ("auto", "bar", "lines", "none"),
 }
 POSITIVE = {"model.latent_dim", "model.pseudo_samples", "model.mmvae_k", "train.micro_batch_size",
             "train.grad_accum", "train.max_steps", "train.max_consecutive_nan", "run.log_every", "run.eval_every",

@@ -20,10 +20,10 @@ class Progress:
         self.t0 = time.perf_counter()
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode = mode if enabled else "off"
+        self.mode = mode if enabled else "none"
 
     def update(self, step: int, samples_per_s: float, metrics: dict[str, float]) -> None:
-        if self.mode == "off":
+        if self.mode == "none":
             return
         done = step - self.start
         rate = done / max(time.perf_counter() - self.t0, 1e-9)

@@ -64,7 +64,7 @@ def step_rate(root: Path, ranks: int, steps: int, overrides: list[str], work: Pa
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "--master_port",
            str(29900 + ranks), str(ROOT / "meme_scale" / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
            f"data.root={root}", f"run.dir={run_dir}", f"train.max_steps={steps}", f"train.micro_batch_size={BATCH // ranks}",
-           "run.log_every=10", "run.eval_every=100000", "run.eval_max_batches=1", "run.progress=off",
+           "run.log_every=10", "run.eval_every=100000", "run.eval_max_batches=1", "run.progress=none",
            "eval.latent_train_samples=128", "eval.joint_samples=128", "data.num_workers=1", *overrides]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // ranks))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
