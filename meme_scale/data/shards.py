@@ -14,6 +14,9 @@ resumed at any (epoch, batch); skipping to a batch only reads tar members, it ne
 Because every worker reads the whole stream, tar reading must be cheap: plain ustar shards (what
 ShardWriter writes) are parsed directly, ~4x faster than tarfile; others go through webdataset.
 Images cross the worker boundary as uint8 and become float32 in the consumer (4x less IPC).
+Captions are stored as text (``caption.txt``) and tokenised here with the sentencepiece model
+stored beside the shards (meta.json names it): int64 [B, 32] ids, pad where not observed.
+The tar layer itself (members, grouping by key, its errors) lives in ``tario.py``.
 """
 from __future__ import annotations
 
@@ -23,26 +26,20 @@ import itertools
 import json
 import os
 import random
-import re
-import tarfile
 from collections.abc import Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from .masks import check_args, observation_for_keys
+from .tario import Raw, ShardFormatError, iter_shard  # noqa: F401  (re-exported: the reader's public API)
+from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
-DECODABLE_KINDS = ("image", "vector")
-Raw = dict[str, Any]  # {"__key__": str, "__url__": shard file name, field: bytes, ...}
-
-
-class ShardFormatError(ValueError):
-    """Shard content disagrees with the format; the message names the shard (and key, field)."""
+DECODABLE_KINDS = ("image", "vector", "caption")
 
 
 def _load_json(path: str) -> Any:
@@ -86,112 +83,6 @@ def required_fields(meta: dict, modalities: Iterable[str]) -> list[str]:
     return fields + ([meta["label"]["field"]] if meta.get("label") else [])
 
 
-class _NotPlain(Exception):
-    """The archive uses pax/GNU extension headers: read it with webdataset's tarfile iteration."""
-
-
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's rule for metadata members
-
-
-def _octal(field: bytes) -> int:
-    try:
-        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise tarfile.ReadError(f"invalid tar header field {field!r}") from None
-
-
-def _plain_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of regular members of a plain ustar archive, as ShardWriter writes them.
-
-    Why not only tarfile: parsing headers in Python's tarfile costs about as much as decoding a
-    small PNG, and every worker reads the whole rank stream, so this path is ~4x faster. Unlike
-    tarfile's stream mode it also refuses a bad header checksum instead of ending silently.
-    """
-    while True:
-        h = f.read(512)
-        if len(h) < 512:
-            raise tarfile.ReadError("unexpected end of file (no end-of-archive marker)")
-        if not h.strip(b"\0"):
-            return  # end-of-archive marker
-        if _octal(h[148:156]) != 256 + sum(h[:148]) + sum(h[156:]):
-            raise tarfile.ReadError("bad tar header checksum")
-        kind = h[156:157]
-        if kind not in b"\x0001234567" or h[124] & 0x80:  # extension header or base-256 size
-            raise _NotPlain
-        size = _octal(h[124:136])
-        name = h[:100].split(b"\0", 1)[0]
-        if h[257:263] == b"ustar\0" and h[345]:
-            name = h[345:500].split(b"\0", 1)[0] + b"/" + name
-        data = f.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data")
-        f.seek(-size % 512, os.SEEK_CUR)
-        fname = name.decode("utf-8")
-        if kind in (b"0", b"\0", b"7") and not _SKIP_META.match(fname):
-            yield fname, data
-
-
-def _members(path: str) -> Iterator[tuple[str, bytes]]:
-    """Regular members in order: the fast path, or webdataset's iteration from where it stopped."""
-    done = 0
-    with open(path, "rb") as f:
-        try:
-            for member in _plain_members(f):
-                done += 1
-                yield member
-            return
-        except _NotPlain:
-            pass
-    with open(path, "rb") as f:
-        for k, m in enumerate(tar_file_iterator(f)):
-            if k >= done:
-                yield m["fname"], m["data"]
-
-
-def iter_shard(path: str, expected: int | None = None, fields: Iterable[str] = ()) -> Iterator[Raw]:
-    """Raw samples of one tar in member order, grouped by key as webdataset does; never skips errors.
-
-    Raises ShardFormatError naming the shard for: an empty or truncated/corrupt tar, a duplicate
-    field, a sample without one of ``fields``, or (once the shard is exhausted) a sample count
-    different from ``expected`` (sizes.json).
-    """
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"shard {name} is missing: {path}")
-    if os.path.getsize(path) == 0:
-        raise ShardFormatError(f"shard {name} is empty (0 bytes): {path}")
-    fields, count, cur = list(fields), 0, None
-    members = _members(path)
-    while True:
-        try:
-            fname, data = next(members, (None, b""))
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            raise ShardFormatError(f"shard {name} is truncated or corrupt (after {count} samples): {e}") from e
-        key, suffix = base_plus_ext(fname) if fname is not None else (None, None)
-        if cur is not None and (fname is None or (key is not None and key != cur["__key__"])):
-            missing = [x for x in fields if x not in cur]
-            if missing:
-                present = sorted(k for k in cur if not k.startswith("__"))
-                raise ShardFormatError(f"shard {name}, key {cur['__key__']}: missing field(s) {missing} "
-                                       f"(present: {present})")
-            count += 1
-            yield cur
-            cur = None
-        if fname is None:
-            break
-        if key is None:
-            continue
-        if cur is None:
-            cur = {"__key__": key, "__url__": name}
-        if suffix.lower() in cur:
-            raise ShardFormatError(f"shard {name}, key {key}: duplicate field {suffix.lower()!r}")
-        cur[suffix.lower()] = data
-    if count == 0:
-        raise ShardFormatError(f"shard {name} contains no samples")
-    if expected is not None and count != expected:
-        raise ShardFormatError(f"shard {name} holds {count} samples but sizes.json says {expected}")
-
-
 def _derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(("meme_scale.shards",) + parts).encode()).digest()[:8], "little")
 
@@ -233,11 +124,14 @@ def _shuffled(samples: Iterable[Raw], bufsize: int, rng: random.Random) -> Itera
 class _Decoder:
     """Raw samples -> batch dict; shape checks name shard, key, modality and both shapes."""
 
-    def __init__(self, meta: dict, modalities: list[str]):
+    def __init__(self, meta: dict, modalities: list[str], root: str):
         self.specs = [(m, meta["modalities"][m]) for m in modalities]
+        self.tokenizers: dict[str, Tokenizer] = {}
         for m, spec in self.specs:
             if spec["kind"] not in DECODABLE_KINDS:
                 raise ValueError(f"modality {m!r} has kind {spec['kind']!r}; this reader decodes {DECODABLE_KINDS}")
+            if spec["kind"] == "caption":
+                self.tokenizers[m] = load_tokenizer(root, meta, m)
         self.label_field = meta["label"]["field"] if meta.get("label") else None
 
     def _one(self, raw: Raw, name: str, spec: dict) -> np.ndarray:
@@ -249,6 +143,8 @@ class _Decoder:
                         raise ValueError(f"PNG mode {im.mode!r}, expected 'L' or 'RGB'")
                     a = np.asarray(im)
                 a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+            elif spec["kind"] == "caption":
+                a = self.tokenizers[name].encode(raw[spec["field"]].decode("utf-8"), spec["shape"][0])
             else:
                 a = np.load(io.BytesIO(raw[spec["field"]]), allow_pickle=False).astype(np.float32, copy=False)
         except Exception as e:
@@ -261,7 +157,8 @@ class _Decoder:
         batch: dict[str, Any] = {}
         for col, (name, spec) in enumerate(self.specs):
             arr = np.stack([self._one(r, name, spec) for r in raws])
-            arr[~observed[:, col]] = 0  # hidden data never leaves the reader
+            # hidden data never leaves the reader (captions: all pad, which carries no likelihood)
+            arr[~observed[:, col]] = spec.get("pad_id", 0) if spec["kind"] == "caption" else 0
             batch[name] = torch.from_numpy(arr)  # images stay uint8 until to_float (4x less IPC)
         batch["observed"] = torch.from_numpy(np.ascontiguousarray(observed))
         if self.label_field is None:
@@ -270,6 +167,26 @@ class _Decoder:
             batch["label"] = torch.tensor([int(r[self.label_field]) for r in raws], dtype=torch.int64)
         batch["key"] = [r["__key__"] for r in raws]
         return batch
+
+
+def load_tokenizer(root: str, meta: dict, modality: str) -> Tokenizer:
+    """The tokenizer of a caption modality, checked against meta.json's ids and vocabulary size."""
+    spec = meta["modalities"][modality]
+    if not spec.get("tokenizer"):
+        raise ValueError(f"{root}/meta.json: caption modality {modality!r} names no tokenizer file")
+    tok = Tokenizer.load(os.path.join(root, spec["tokenizer"]))
+    info = tok.info()
+    wrong = {k: (spec.get(k), v) for k, v in info.items() if spec.get(k) != v}
+    if wrong:
+        raise ValueError(f"{root}/meta.json: modality {modality!r} disagrees with {spec['tokenizer']} "
+                         f"(meta.json value, tokenizer value): {wrong}")
+    return tok
+
+
+def tokenizer_paths(root: str, meta: dict, modalities: Iterable[str]) -> dict[str, str]:
+    """{caption modality: absolute path of its tokenizer model} (for decoding generated captions)."""
+    return {m: os.path.abspath(os.path.join(root, meta["modalities"][m]["tokenizer"]))
+            for m in modalities if meta["modalities"][m]["kind"] == "caption"}
 
 
 def _to_float(batch: dict, meta: dict) -> dict:
@@ -341,7 +258,7 @@ class TrainStream:
     """Infinite training batches ``(epoch, batch_index_in_epoch, batch)`` for one rank.
 
     ``batch``: {modality: float32 tensor ([B,C,H,W] images in [0,1], [B,D] vectors; zero where
-    not observed), "observed": bool [B, M] in the order of ``modalities`` (s, t), "label": int64
+    not observed) or int64 [B, T] caption ids (pad where not observed), "observed": bool [B, M] in the order of ``modalities`` (s, t), "label": int64
     [B] (-1 without labels), "key": list of str}. Restarting with (start_epoch, start_batch) =
     the position after the last consumed batch reproduces the uninterrupted sequence exactly.
     """
@@ -363,7 +280,7 @@ class TrainStream:
         self.observed_fraction, self.missing = float(observed_fraction), missing
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.fields = required_fields(self.meta, self.modalities)
-        self.decoder = _Decoder(self.meta, self.modalities)
+        self.decoder = _Decoder(self.meta, self.modalities, root)
         steps = self.steps_per_epoch(start_epoch)
         if start_batch > steps:
             raise ValueError(f"start_batch {start_batch} is past the end of epoch {start_epoch} ({steps} batches)")
@@ -408,13 +325,16 @@ def eval_batches(root: str, split: str, batch_size: int, *, modalities: list[str
 
     Every sample is seen exactly once across ranks and all modalities are observed. Ranks' batch
     counts may differ by one (their sample counts differ by at most one); the last batch may be short.
+    Where captions are among ``modalities`` a batch also holds "tokenizers": {modality: path of its
+    sentencepiece model}, so pictures and logs can turn generated ids back into text.
     """
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     meta = read_meta(root)
     modalities = _check_modalities(meta, modalities)
-    decoder, fields = _Decoder(meta, modalities), required_fields(meta, modalities)
+    decoder, fields = _Decoder(meta, modalities, root), required_fields(meta, modalities)
+    tokenizers = tokenizer_paths(root, meta, modalities)
     paths = shard_paths(root, split)
     total = sum(meta["sizes"][os.path.basename(p)] for p in paths)
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size
@@ -431,4 +351,7 @@ def eval_batches(root: str, split: str, batch_size: int, *, modalities: list[str
 
     it = samples()
     while raws := list(itertools.islice(it, batch_size)):
-        yield _to_float(decoder(raws, np.ones((len(raws), len(modalities)), dtype=bool)), meta)
+        batch = _to_float(decoder(raws, np.ones((len(raws), len(modalities)), dtype=bool)), meta)
+        if tokenizers:
+            batch["tokenizers"] = tokenizers
+        yield batch

@@ -3,7 +3,12 @@
 Output folder: ``{name}-{split}-{index:06d}.tar`` shards (webdataset TarWriter), ``sizes.json``
 ({shard file name: samples}) and ``meta.json`` (format_version, name, modalities, label, splits,
 source). Sample keys are the index within the split, zero-padded to 9 digits; images are PNG
-(uint8, [1,H,W] grayscale or [3,H,W] RGB), vectors float32 ``.npy`` of shape [D], labels ASCII.
+(uint8, [1,H,W] grayscale or [3,H,W] RGB), vectors float32 ``.npy`` of shape [D], captions
+UTF-8 text ``.txt`` (normalised; shape [T] = the token length the reader pads/cuts to, 32), labels
+ASCII. A caption modality carries its sentencepiece tokenizer (``tokenizer.train`` on the training
+captions), saved beside the shards as ``<modality>.spm.model``; meta.json's entry records the file
+name, ``vocab_size``, ``pad_id``, ``eos_id``, ``unk_id`` and how many captions per split were longer
+than T-1 pieces (the reader truncates those, keeping eos; none is dropped).
 
 Why the temporary folder: a crashed or interrupted conversion must never leave a shard set that
 looks complete. Everything is written into ``OUT.tmp-<pid>``, read back with the reader's own tar
@@ -18,31 +23,49 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from .shards import FORMAT_VERSION, SPLITS, iter_shard, read_meta, required_fields, shard_paths
+from .shards import FORMAT_VERSION, SPLITS, _Decoder, iter_shard, load_tokenizer, read_meta, required_fields, shard_paths
+from .tokenizer import Tokenizer, normalise
 
-EXTENSIONS = {"image": "png", "vector": "npy"}  # "caption" (caption.txt, shape [32]) is reserved
+EXTENSIONS = {"image": "png", "vector": "npy", "caption": "txt"}
 LABEL_FIELD = "label.cls"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # webdataset lower-cases field suffixes: keep names lower-case
 
 
-def modality_spec(name: str, kind: str, shape: Iterable[int]) -> dict:
-    """meta.json entry for a modality: {"kind", "field", "shape"}; validates name, kind and shape."""
+def modality_spec(name: str, kind: str, shape: Iterable[int], tokenizer: Tokenizer | None = None) -> dict:
+    """meta.json entry for a modality: {"kind", "field", "shape"} (+ tokenizer info for captions)."""
     if not _NAME.match(name) or name == "label":
         raise ValueError(f"modality name {name!r} must match {_NAME.pattern} and not be 'label'")
     if kind not in EXTENSIONS:
         raise ValueError(f"modality {name!r}: kind {kind!r} is not supported (supported: {sorted(EXTENSIONS)})")
+    if kind == "caption" and tokenizer is None:
+        raise ValueError(f"modality {name!r}: kind 'caption' is not supported without a tokenizer: declare "
+                         "{'kind': 'caption', 'shape': [32], 'tokenizer': Tokenizer or path of a .model file}")
     shape = [int(d) for d in shape]
     if kind == "image" and (len(shape) != 3 or shape[0] not in (1, 3) or min(shape) < 1):
         raise ValueError(f"image modality {name!r}: shape must be [1|3, H, W], got {shape}")
     if kind == "vector" and (len(shape) != 1 or shape[0] < 1):
         raise ValueError(f"vector modality {name!r}: shape must be [D], got {shape}")
-    return {"kind": kind, "field": f"{name}.{EXTENSIONS[kind]}", "shape": shape}
+    if kind == "caption" and (len(shape) != 1 or shape[0] < 2):
+        raise ValueError(f"caption modality {name!r}: shape must be [T] (tokens, T >= 2), got {shape}")
+    spec = {"kind": kind, "field": f"{name}.{EXTENSIONS[kind]}", "shape": shape}
+    if kind == "caption":
+        spec.update({"tokenizer": f"{name}.spm.model", **tokenizer.info()})
+    return spec
+
+
+def _as_tokenizer(name: str, value: Any) -> Tokenizer | None:
+    if value is None or isinstance(value, Tokenizer):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return Tokenizer.load(os.fspath(value))
+    raise ValueError(f"modality {name!r}: 'tokenizer' must be a Tokenizer or a path, got {type(value).__name__}")
 
 
 def check_output(out_dir: str, overwrite: bool) -> None:
@@ -63,12 +86,20 @@ def _encode_npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A modality value already validated and encoded by ``ShardWriter.encoded`` (written as is)."""
+
+    modality: str
+    data: bytes
+
+
 class ShardWriter:
     """Write a dataset split by split; publish atomically on ``finish()`` (or a clean ``with`` exit).
 
-    ``modalities`` maps a name to {"kind": "image"|"vector", "shape": [...]}; ``label_names`` is
-    the class list (None: the dataset has no labels). Samples are dicts {modality: array,
-    "label": int | None}.
+    ``modalities`` maps a name to {"kind": "image"|"vector"|"caption", "shape": [...]} (captions
+    also {"tokenizer": Tokenizer or path}); ``label_names`` is the class list (None: the dataset
+    has no labels). Samples are dicts {modality: array (captions: str), "label": int | None}.
     """
 
     def __init__(self, out_dir: str, name: str, modalities: Mapping[str, Mapping[str, Any]],
@@ -84,7 +115,11 @@ class ShardWriter:
         self.overwrite = overwrite
         self._refuse_existing()
         self.name, self.samples_per_shard = name, samples_per_shard
-        self.modalities = {m: modality_spec(m, s["kind"], s["shape"]) for m, s in modalities.items()}
+        self.tokenizers = {m: _as_tokenizer(m, s.get("tokenizer")) for m, s in modalities.items()
+                           if s.get("kind") == "caption"}
+        self.modalities = {m: modality_spec(m, s["kind"], s["shape"], self.tokenizers.get(m))
+                           for m, s in modalities.items()}
+        self.truncated = {m: {} for m in self.tokenizers}  # {caption modality: {split: captions cut}}
         self.label_names = None if label_names is None else [str(n) for n in label_names]
         self.source = dict(source or {})
         self.sizes: dict[str, int] = {}
@@ -100,8 +135,35 @@ class ShardWriter:
     def meta(self) -> dict:
         """meta.json content for what has been written so far."""
         label = None if self.label_names is None else {"field": LABEL_FIELD, "names": self.label_names}
-        return {"format_version": FORMAT_VERSION, "name": self.name, "modalities": self.modalities,
+        modalities = {m: {**spec, "truncated": dict(self.truncated[m])} if m in self.truncated else spec
+                      for m, spec in self.modalities.items()}
+        return {"format_version": FORMAT_VERSION, "name": self.name, "modalities": modalities,
                 "label": label, "splits": dict(self.splits), "source": self.source}
+
+    def encoded(self, modality: str, value: Any, where: str = "pre-encoded value") -> Encoded:
+        """Validate and encode one image/vector once, for a converter that writes it in several samples
+        (CUB: each image with each of its 10 captions); pass the result in place of the array."""
+        spec = self.modalities.get(modality)
+        if spec is None or spec["kind"] == "caption":
+            raise ValueError(f"encoded() takes an image or vector modality of {list(self.modalities)}, got {modality!r}")
+        return Encoded(modality, self._field(modality, spec, where, value))
+
+    def _field(self, m: str, spec: dict, where: str, value: Any) -> bytes:
+        if isinstance(value, Encoded):
+            if value.modality != m:
+                raise ValueError(f"modality {m!r}, {where}: value was encoded for modality {value.modality!r}")
+            return value.data
+        a = np.asarray(value)
+        if list(a.shape) != spec["shape"]:
+            raise ValueError(f"modality {m!r}, {where}: shape {list(a.shape)} does not match "
+                             f"declared shape {spec['shape']}")
+        if spec["kind"] == "image":
+            if a.dtype != np.uint8:
+                raise ValueError(f"modality {m!r}, {where}: images are stored as uint8 0..255, got {a.dtype}")
+            return _encode_png(a)
+        if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
+            raise ValueError(f"modality {m!r}, {where}: vectors must be finite numbers, got {a.dtype}")
+        return _encode_npy(a)
 
     def _encode(self, split: str, index: int, sample: Mapping[str, Any]) -> dict[str, Any]:
         where = f"{split} sample {index}"
@@ -112,18 +174,10 @@ class ShardWriter:
         for m, spec in self.modalities.items():
             if m not in sample:
                 raise ValueError(f"{where}: modality {m!r} is missing")
-            a = np.asarray(sample[m])
-            if list(a.shape) != spec["shape"]:
-                raise ValueError(f"modality {m!r}, {where}: shape {list(a.shape)} does not match "
-                                 f"declared shape {spec['shape']}")
-            if spec["kind"] == "image":
-                if a.dtype != np.uint8:
-                    raise ValueError(f"modality {m!r}, {where}: images are stored as uint8 0..255, got {a.dtype}")
-                out[spec["field"]] = _encode_png(a)
+            if spec["kind"] == "caption":
+                out[spec["field"]] = self._caption(m, split, where, sample[m])
             else:
-                if not np.issubdtype(a.dtype, np.number) or not np.all(np.isfinite(a)):
-                    raise ValueError(f"modality {m!r}, {where}: vectors must be finite numbers, got {a.dtype}")
-                out[spec["field"]] = _encode_npy(a)
+                out[spec["field"]] = self._field(m, spec, where, sample[m])
         label = sample.get("label")
         if self.label_names is None:
             if label is not None:
@@ -134,6 +188,21 @@ class ShardWriter:
                 raise ValueError(f"{where}: label must be an int in [0, {len(self.label_names)}), got {label!r}")
             out[LABEL_FIELD] = str(int(label)).encode("ascii")
         return out
+
+    def _caption(self, m: str, split: str, where: str, text: Any) -> bytes:
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"modality {m!r}, {where}: caption is not UTF-8 ({e})") from None
+        if not isinstance(text, str):
+            raise ValueError(f"modality {m!r}, {where}: captions are str, got {type(text).__name__}")
+        text = normalise(text)
+        if not text:
+            raise ValueError(f"modality {m!r}, {where}: empty caption")
+        _, cut = self.tokenizers[m].encode_counted(text, self.modalities[m]["shape"][0])
+        self.truncated[m][split] = self.truncated[m].get(split, 0) + int(cut)
+        return text.encode("utf-8")
 
     def write_split(self, split: str, samples: Iterable[Mapping[str, Any]]) -> int:
         """Write one split's samples into shards of ``samples_per_shard``; returns the count."""
@@ -170,6 +239,8 @@ class ShardWriter:
         if not self.splits:
             raise ValueError("no split was written")
         meta = self.meta()
+        for m, tok in self.tokenizers.items():
+            tok.save(os.path.join(self.tmp, self.modalities[m]["tokenizer"]))
         for fname, obj in (("sizes.json", self.sizes), ("meta.json", meta)):
             with open(os.path.join(self.tmp, fname), "w", encoding="utf-8") as f:
                 json.dump(obj, f, indent=1)
@@ -204,10 +275,16 @@ class ShardWriter:
 def validate_dataset(root: str) -> dict[str, int]:
     """Read every shard back; check counts vs sizes.json and meta splits, fields, unique int keys.
 
-    Returns {split: samples}. Does not decode images (the reader checks shapes when decoding).
+    Returns {split: samples}. Caption modalities' tokenizer files must load and agree with
+    meta.json. The first sample of every shard is decoded by the reader's own decoder (shapes,
+    tokenisation); the reader checks the others when it decodes them.
     """
     meta = read_meta(root)
     fields = required_fields(meta, meta["modalities"])
+    for m, spec in meta["modalities"].items():
+        if spec["kind"] == "caption":
+            load_tokenizer(root, meta, m)
+    decoder = _Decoder(meta, list(meta["modalities"]), root)
     listed = set(meta["sizes"])
     on_disk = {n for n in os.listdir(root) if n.endswith(".tar")}
     if on_disk - listed:
@@ -216,7 +293,9 @@ def validate_dataset(root: str) -> dict[str, int]:
     for split, expected in meta["splits"].items():
         keys: set[str] = set()
         for path in shard_paths(root, split):
-            for raw in iter_shard(path, meta["sizes"][os.path.basename(path)], fields):
+            for i, raw in enumerate(iter_shard(path, meta["sizes"][os.path.basename(path)], fields)):
+                if i == 0:
+                    decoder([raw], np.ones((1, len(decoder.specs)), dtype=bool))
                 key = raw["__key__"]
                 if not (key.isascii() and key.isdigit()) or key in keys:
                     raise ValueError(f"shard {os.path.basename(path)}: key {key!r} is not a unique integer key")
