@@ -10,6 +10,8 @@ A converter module defines
 
 Heavy or optional imports (the raw-data packages) belong inside ``run`` so that listing the
 subcommands never needs them. To add one, write ``sources/<module>.py`` and register it here.
+``common.py`` holds what converters share (the --skip-bad policy, image loading, splits) and
+``fakeraw.py`` writes small inputs in the original raw formats (tests, ``tools/bench_data.py``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from types import ModuleType
 # subcommand -> module name under meme_scale.data.sources
 SOURCES: dict[str, str] = {
     "quickstart": "quickstart",
+    "mnist-svhn": "mnist_svhn",
+    "cub": "cub",
+    "custom": "custom",
 }
 
 
