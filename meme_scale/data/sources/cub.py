@@ -194,6 +194,12 @@ def _guarded(skips: Skips, reason: str, fn, *args):
     return None
 
 
+def _flush_features(d: dict, extract) -> None:
+    if d["pending"]:
+        d["images"].extend(extract(np.stack(d["pending"])))
+        d["pending"].clear()
+
+
 def _default(path: str | None, *candidates: str) -> str:
     if path:
         return path
@@ -238,7 +244,7 @@ def build(out: str, root: str, *, text: str | None = None, train_classes: str | 
 
     skips = Skips(skip_bad)
     split_of = {c: s for s, names in lists.items() for c in names}
-    per_split: dict[str, dict] = {s: {"images": [], "captions": [], "labels": []} for s in lists}
+    per_split: dict[str, dict] = {s: {"images": [], "pending": [], "captions": [], "labels": []} for s in lists}
     caption_counts: dict[int, int] = {}
     left_out = 0
     size = FEATURE_SIZE if extract else image_size
@@ -253,10 +259,14 @@ def build(out: str, root: str, *, text: str | None = None, train_classes: str | 
             continue
         caption_counts[len(caps)] = caption_counts.get(len(caps), 0) + 1
         d = per_split[split]
-        d["images"].append(image)
+        d["pending" if extract is not None else "images"].append(image)
         d["captions"].append(caps)
         d["labels"].append(label)
+        if extract is not None and len(d["pending"]) >= feature_batch:
+            _flush_features(d, extract)  # 224x224 inputs never pile up: features as images arrive
     for split, d in per_split.items():
+        if extract is not None:
+            _flush_features(d, extract)
         if not d["images"]:
             raise ValueError(f"no usable {split} image: the {split} class list matches no image with captions")
 
@@ -285,11 +295,9 @@ def build(out: str, root: str, *, text: str | None = None, train_classes: str | 
     with writer:
         for k, split in enumerate(("train", "test")):
             d = per_split[split]
-            images = np.stack(d["images"])
-            if extract is not None:
-                images = extract(images)
-            # each image is written once per caption: validate and encode it once
-            images = [writer.encoded(image_mod, x, f"{split} image {i}") for i, x in enumerate(images)]
+            # uint8 [3, S, S] pixels or float32 [2048] features, each written once per caption:
+            # validate and encode it once (and let the raw arrays go)
+            images = [writer.encoded(image_mod, x, f"{split} image {i}") for i, x in enumerate(d.pop("images"))]
             pairs = [(i, j) for i, caps in enumerate(d["captions"]) for j in range(len(caps))]
             order = np.random.default_rng([seed, k]).permutation(len(pairs))
             writer.write_split(split, _samples(image_mod, images, d["captions"], d["labels"], [pairs[o] for o in order]))
