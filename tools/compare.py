@@ -2,7 +2,7 @@
 
     python tools/compare.py --config configs/quickstart.yaml --out runs/compare \\
         [--models meme mvae mmvae mopoe] [--fractions 1.0 0.5 0.25 0.125] [--steps 600] [--seeds 0] \\
-        [key=value ...]
+        [-- key=value ...]
 
 Each cell is an ordinary training run (``meme_scale/train.py``, one process) in ``OUT/<model>_f<f>_s<seed>``
 evaluated at its last step; finished cells are reused, so an interrupted comparison continues.
