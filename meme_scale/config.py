@@ -276,7 +276,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         ds["gradient_clipping"] = cfg.optim.grad_clip
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        # Buffers follow the weights: BatchNorm on CPU refuses bf16 weights beside fp32 running stats.
+        ds["data_types"] = {"grad_accum_dtype": "fp32", "buffer_dtype": "bf16"}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
+        ds["data_types"] = {"buffer_dtype": "fp16"}
     return ds

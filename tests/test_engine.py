@@ -14,7 +14,7 @@ from conftest import free_port
 pytestmark = pytest.mark.slow
 
 
-def _worker(rank: int, world: int, port: int, out: str, zero_stage: int) -> None:
+def _worker(rank: int, world: int, port: int, out: str, zero_stage: int, precision: str = "fp32") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")  # fmt: skip
     torch.set_num_threads(1)
@@ -25,9 +25,12 @@ def _worker(rank: int, world: int, port: int, out: str, zero_stage: int) -> None
 
     info = init_distributed()
     torch.manual_seed(0)
-    specs = [ModalitySpec("a", "image", (1, 8, 8), "small_mlp"), ModalitySpec("b", "image", (1, 8, 8), "small_mlp")]
+    shape_b, net_b = ((3, 16, 16), "svhn_conv") if precision == "bf16" else ((1, 8, 8), "small_mlp")  # BatchNorm
+    specs = [ModalitySpec("a", "image", (1, 8, 8), "small_mlp"), ModalitySpec("b", "image", shape_b, net_b,
+                                                                              hidden=(8, 16, 32))]  # fmt: skip
     model = MEME(specs, latent_dim=4, k=3, pseudo_samples=8)
-    cfg = load_config(None, [f"train.zero_stage={zero_stage}", "train.micro_batch_size=8"])
+    cfg = load_config(None, [f"train.zero_stage={zero_stage}", "train.micro_batch_size=8", f"train.precision={precision}"])
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     engine = build_engine(model, torch.optim.Adam(model.parameters(), 1e-3), deepspeed_config(cfg, world))
     torch.manual_seed(1 + rank)
     observed = torch.ones(8, 2, dtype=torch.bool)
@@ -35,20 +38,22 @@ def _worker(rank: int, world: int, port: int, out: str, zero_stage: int) -> None
         observed[:4, 1] = False
         observed[4:, 0] = False
     for _ in range(3):
-        batch = {"a": torch.rand(8, 1, 8, 8), "b": torch.rand(8, 1, 8, 8), "observed": observed}
+        batch = {"a": torch.rand(8, 1, 8, 8, dtype=dtype), "b": torch.rand(8, *shape_b, dtype=dtype), "observed": observed}
         loss, _ = engine(batch)
+        assert torch.isfinite(loss)
         engine.backward(loss)
         engine.step()
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"digest": parameter_digest(engine.module), "steps": engine.global_steps}, f)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_paired_rank_and_unpaired_rank_complete_in_sync(tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_paired_rank_and_unpaired_rank_complete_in_sync(tmp_path, zero_stage, precision):
+    """Also bf16 with BatchNorm (SVHN conv net): DeepSpeed must cast BN's buffers with the weights."""
     out = str(tmp_path / "result")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, 2, port, out, zero_stage)) for rank in range(2)]
+    procs = [ctx.Process(target=_worker, args=(rank, 2, port, out, zero_stage, precision)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
