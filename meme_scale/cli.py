@@ -2,6 +2,7 @@
 
     meme-scale train --config configs/quickstart.yaml [key=value ...]   (one process; use deepspeed/torchrun for more)
     meme-scale eval --checkpoint runs/quickstart/checkpoints --config configs/quickstart.yaml [--out report.json]
+    meme-scale tune --config configs/sweeps/<name>.yaml [--resume] [key=value ...]   (a Ray Tune sweep)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="meme-scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("verb", choices=["train", "eval"], help="what to do")
+    parser.add_argument("verb", choices=["train", "eval", "tune"], help="what to do")
     args, rest = parser.parse_known_args(argv[:1])
     if args.verb == "train":
         from .train import main as train_main
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     if args.verb == "eval":
         return eval_main(argv[1:])
+    if args.verb == "tune":
+        from .tune import main as tune_main
+
+        return tune_main(argv[1:])
     return 2
 
 

@@ -15,6 +15,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# A run to continue when the checkpoint names none: tune.py creates each trial's MLflow child run
+# (tagged with its sweep's parent run) before training starts and hands its id over through this.
+RUN_ID_ENV = "MEME_SCALE_MLFLOW_RUN_ID"
+
 
 def default_tracking_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
@@ -95,8 +99,24 @@ def open_tracker(is_main: bool, tracking_uri: str, run_dir: str | Path, experime
                  run_id: str | None = None, tags: dict[str, Any] | None = None) -> NullTracker:  # fmt: skip
     if not is_main:
         return NullTracker()
+    run_id = run_id or os.environ.get(RUN_ID_ENV) or None
     uri = tracking_uri or default_tracking_uri(run_dir)
     artifact_root = None
     if uri.startswith("sqlite:///"):
         artifact_root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
     return MlflowTracker(uri, experiment, run_name, run_id, artifact_root, {k: str(v) for k, v in (tags or {}).items()})
+
+
+def update_run(tracking_uri: str, run_id: str, tags: dict[str, Any] | None = None, status: str | None = None,
+               text: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Tags, text artifacts ({name: text}) and/or the terminal status of an existing run (sweep summaries)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, str(v)[:5000])
+    for name, body in (text or {}).items():
+        client.log_text(run_id, body, name)
+    if status is not None:
+        client.set_terminated(run_id, status=status)
