@@ -84,8 +84,12 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
             state.epoch, state.batch = state.epoch + 1, 0
         if info.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir / tag, state.step, state.epoch, state.batch)
-    if tag is None:  # per-rank noise from here on; a resumed run restores each rank's own RNG instead
+    # The training noise starts here: a resumed rank continues its own saved stream, a fresh one is
+    # seeded per rank. It is (re)applied just before the first step, so that setup work in between
+    # (classifiers, loaders, trackers) can never shift it.
+    if tag is None:
         torch.manual_seed(cfg.train.seed * 1000 + info.rank)
+    start_rng = checkpoint.rng_state()
 
     tracker = open_tracker(info.is_main, cfg.run.tracking_uri, run_dir, cfg.run.experiment, cfg.run.run_name,
                            run_id=state.run_id, tags={"model": cfg.model.name, "world_size": info.world_size})  # fmt: skip
@@ -112,6 +116,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     consecutive_nan = 0
     stopped_by = None
     t_start = time.perf_counter()
+    checkpoint.set_rng_state(start_rng)
     status = "FAILED"
     try:
         while state.step < cfg.train.max_steps:

@@ -17,35 +17,38 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(quickstart_shards, tmp_path_factory):
     """Classifiers (a short schedule) and a briefly trained MEME with evaluation at its last step."""
+    work = tmp_path_factory.mktemp("eval")
+    classifiers = work / "classifiers"  # not beside the shared shards: other tests expect none there
     subprocess.run([sys.executable, str(ROOT / "tools" / "train_classifiers.py"), "--shards", str(quickstart_shards),
-                    "--epochs", "2"], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
+                    "--epochs", "2", "--out", str(classifiers)], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    run_dir = work / "run"
     launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=30", "run.eval_max_batches=0",
-                                "eval.joint_samples=200", "eval.latent_train_samples=500"), nproc=1)  # fmt: skip
-    return quickstart_shards, run_dir
+                                "eval.joint_samples=200", "eval.latent_train_samples=500",
+                                f"eval.classifiers={classifiers}"), nproc=1)  # fmt: skip
+    return quickstart_shards, run_dir, classifiers
 
 
-def _eval(launcher: list[str], data, run_dir, checkpoint, out) -> dict:
+def _eval(launcher: list[str], data, classifiers, checkpoint, out) -> dict:
     cmd = [*launcher, "-m", "meme_scale.cli", "eval", "--checkpoint", str(checkpoint), "--config",
            "configs/quickstart.yaml", "--out", str(out), f"data.root={data}", "train.micro_batch_size=32",
-           "eval.joint_samples=200", "eval.latent_train_samples=500"]  # fmt: skip
+           "eval.joint_samples=200", "eval.latent_train_samples=500", f"eval.classifiers={classifiers}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
 def test_classifiers_are_saved_with_their_accuracy(trained):
-    data, _ = trained
+    _, _, classifiers = trained
     for name in ("mnist", "digits"):
         from meme_scale.classifiers import load_classifier
 
-        assert load_classifier(data / "classifiers" / f"{name}.pt").test_accuracy > 0.8
+        assert load_classifier(classifiers / f"{name}.pt").test_accuracy > 0.8
 
 
 def test_two_ranks_equal_one_rank_and_export_equals_checkpoint(trained, tmp_path):
-    data, run_dir = trained
-    one = _eval([sys.executable], data, run_dir, run_dir / "final" / "model.pt", tmp_path / "one.json")
-    two = _eval([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], data, run_dir,
+    data, run_dir, classifiers = trained
+    one = _eval([sys.executable], data, classifiers, run_dir / "final" / "model.pt", tmp_path / "one.json")
+    two = _eval([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], data, classifiers,
                 run_dir / "checkpoints", tmp_path / "two.json")  # fmt: skip
     assert (one["world_size"], two["world_size"]) == (1, 2)
     keys = [k for k in one if k.startswith("eval/")]
@@ -61,7 +64,7 @@ def test_two_ranks_equal_one_rank_and_export_equals_checkpoint(trained, tmp_path
 
 
 def test_training_logs_metrics_and_pictures(trained):
-    _, run_dir = trained
+    _, run_dir, _ = trained
     info = summary(run_dir)
     assert 0.0 <= info["final"]["eval/cross_coherence"] <= 1.0
     assert info["final"]["eval/w2_mismatched"] > 0
