@@ -88,17 +88,21 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when the flag is set on any rank (signals, NaNs)."""
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
-
-
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from . import checkpoint
 from .config import Config, deepspeed_config, dump_yaml, flatten
 from .data.shards import TrainStream, eval_batches, read_meta
-from .engine import DistInfo, all_reduce_sum, build_engine, init_distributed
+from .engine import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, build_engine, init_distributed
 from .evaluate import Evaluator, picture_grid, to_device
 from .models import build_model, count_parameters, modality_specs
 from .preemption import StopFlag, requeue_slurm_job
@@ -103,7 +102,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 tracker.log_artifact(config_path, "config")
         log.info("model %s: %s parameters; %d rank(s); mlflow run %s", cfg.model.name,
                  f"{count_parameters(model):,}", info.world_size, tracker.run_id)  # fmt: skip
-    state.run_id = broadcast_run_id(tracker.run_id, info)
+    state.run_id = broadcast_object(tracker.run_id)
 
     # -- fit --------------------------------------------------------------------------------
     train_data = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
@@ -176,9 +175,9 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                "tracking_uri": tracker.tracking_uri, "checkpoint": str(ckpt_dir / checkpoint.tag_for(state.step)),
                "run_dir": str(run_dir), "world_size": info.world_size}  # fmt: skip
     summary["samples_per_s"] = all_reduce_sum(torch.tensor([state.samples])).item() / max(summary["wall_s"], 1e-9)
-    summary["parameter_digest_per_rank"] = _gather(parameter_digest(engine.module), info)
+    summary["parameter_digest_per_rank"] = all_gather_object(parameter_digest(engine.module))
     if info.is_main:
-        summary["final"] = _final_metrics(tracker, run_dir)
+        summary["final"] = _final_metrics(tracker)
         if stopped_by:
             tracker.finish("KILLED")
         else:
@@ -292,23 +291,7 @@ def parameter_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _gather(value, info: DistInfo) -> list:
-    if info.world_size == 1:
-        return [value]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, value)
-    return out
-
-
-def broadcast_run_id(run_id: str | None, info: DistInfo) -> str | None:
-    if info.world_size == 1:
-        return run_id
-    box = [run_id]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _final_metrics(tracker, run_dir: Path) -> dict:
+def _final_metrics(tracker) -> dict:
     client = getattr(tracker, "client", None)
     if client is None:
         return {}
