@@ -55,6 +55,23 @@ def _launcher_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def _without_shm_allreduce() -> None:
+    """Keep DeepSpeed from loading its CPU shared-memory all-reduce op.
+
+    Training never calls ``inference_all_reduce`` (the op's only user), yet every process group
+    would JIT-build it under a lock in ~/.cache/torch_extensions (35 s on a fresh machine; a rank
+    killed during the build leaves the lock behind and every later launch waits on it forever),
+    leave a 67 MB ``/dev/shm/deepspeed_allreduce_buffer_*`` file per rank behind, and busy-wait
+    forever on a peer that died before creating its file. ``deepspeed.ops.__compatible_ops__`` is
+    the switch DeepSpeed consults before building it.
+    """
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> DistInfo:
     """One call for every launcher; gloo on CPU, NCCL on CUDA."""
     _launcher_env()
@@ -68,6 +85,7 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         import deepspeed
 
+        _without_shm_allreduce()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
@@ -76,6 +94,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     """Wraps the model in a DeepSpeed engine (passing a torch optimizer avoids JIT-building FusedAdam)."""
     import deepspeed
 
+    _without_shm_allreduce()  # a process group made by someone else (Ray Train) still gets a DeepSpeed backend here
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,10 +50,29 @@ def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 300, e
                 "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}  # fmt: skip
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(var, None)
-    proc = subprocess.run(cmd + args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = run_group(cmd + args, timeout, cwd=ROOT, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that kills the whole process group on timeout: a launcher's ranks are its
+    grandchildren, and left running they would eat the CPUs of every later test."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"{cmd[0]} timed out after {timeout} s:\n{out[-3000:]}\n{err[-6000:]}") from None
+        finally:
+            try:  # ranks outliving their launcher (a crash) go too
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def summary(run_dir: Path) -> dict:
@@ -76,4 +96,19 @@ def start_ranks(args: list[str], nproc: int = 2, log_dir: Path | None = None) ->
         out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "meme_scale" / "train.py"), *args], cwd=ROOT,
                                       env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+    _STARTED.extend(procs)
     return procs
+
+
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_rank_outlives_its_test():
+    """A failed test must not leave ranks running (they would slow every later test to a crawl)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -38,6 +38,11 @@ def slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     subprocess.run([str(ROOT / "cluster" / "local_slurm.sh"), "start", str(state)], check=True, timeout=120)
     yield state
+    subprocess.run(["scancel", "--user=root"], check=False)  # a failed test's job must not run on under later tests
+    deadline = time.time() + 60
+    while time.time() < deadline and subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        time.sleep(1)
+    subprocess.run([str(ROOT / "cluster" / "local_slurm.sh"), "stop", str(state)], check=False, timeout=60)
 
 
 def _env() -> dict:
