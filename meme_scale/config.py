@@ -94,6 +94,11 @@ class EvalConfig:
     joint_samples: int = 1000  # prior samples for joint coherence
     latent_train_samples: int = 2000  # training examples whose latents fit the linear probe
     latent_epochs: int = 30
+    # CCA coherence of image-caption data: a word-vector text file; "": <data.root>/word_vectors.txt
+    # (tools/word_vectors.py writes one from the training captions); skipped when there is none.
+    cca_word_vectors: str = ""
+    cca_components: int = 40
+    cca_train_samples: int = 2000  # real training pairs the CCA is fitted on
     seed: int = 0
 
 
@@ -118,7 +123,7 @@ CHOICES = {
 }
 POSITIVE = {"model.latent_dim", "model.pseudo_samples", "model.mmvae_k", "train.micro_batch_size",
             "train.grad_accum", "train.max_steps", "train.max_consecutive_nan", "run.log_every", "run.eval_every",
-            "run.checkpoint_every", "run.keep_checkpoints", "optim.lr"}  # fmt: skip
+            "run.checkpoint_every", "run.keep_checkpoints", "optim.lr", "eval.cca_components", "eval.cca_train_samples"}  # fmt: skip
 
 
 # -- loading ------------------------------------------------------------------------------------

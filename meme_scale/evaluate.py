@@ -10,8 +10,9 @@ from typing import Iterator
 import torch
 
 from . import metrics
+from .cca_features import CCAScorer, load_word_vectors
 from .classifiers import load_classifier
-from .data.shards import eval_batches, read_meta
+from .data.shards import eval_batches, load_tokenizer, read_meta
 from .engine import all_reduce_sum, broadcast_object
 from .models import MultimodalVAE
 from .pictures import caption_texts, save_grid
@@ -48,6 +49,7 @@ class Evaluator:
         self.meta = read_meta(cfg.data.root)
         self.has_labels = bool(self.meta.get("label"))
         self.classifiers = self._load_classifiers()
+        self._cca: CCAScorer | None | bool = False  # fitted on first use (it reads training data)
 
     # -- setup ----------------------------------------------------------------------------------
     def _load_classifiers(self) -> dict | None:
@@ -59,6 +61,31 @@ class Evaluator:
                          "+".join(self.model.names), folder, self.cfg.data.root)  # fmt: skip
             return None
         return {m: load_classifier(p, map_location=self.device) for m, p in paths.items()}
+
+    def _cca_scorer(self) -> CCAScorer | None:
+        """For one image-like and one caption modality with word vectors at hand; else None."""
+        if self._cca is not False:
+            return self._cca
+        self._cca = None
+        kinds = {m: self.model.specs[m].kind for m in self.model.names}
+        captions = [m for m, k in kinds.items() if k == "caption"]
+        if len(captions) != 1:
+            return None
+        caption, image = captions[0], next(m for m in self.model.names if m != captions[0])
+        path = Path(self.cfg.eval.cca_word_vectors or Path(self.cfg.data.root) / "word_vectors.txt")
+        if not path.is_file():
+            if self.cfg.eval.cca_word_vectors:
+                raise FileNotFoundError(f"eval.cca_word_vectors: {path} does not exist")
+            if self.rank == 0:
+                log.info("no word vectors at %s: CCA coherence is skipped (tools/word_vectors.py --shards %s)",
+                         path, self.cfg.data.root)  # fmt: skip
+            return None
+        batches = eval_batches(self.cfg.data.root, self.cfg.data.train_split, self.cfg.train.micro_batch_size,
+                               modalities=[image, caption], rank=0, world_size=1)  # fmt: skip
+        self._cca = CCAScorer.fit(batches, image, kinds[image], caption,
+                                  load_tokenizer(self.cfg.data.root, self.meta, caption), load_word_vectors(path),
+                                  self.cfg.eval.cca_train_samples, self.cfg.eval.cca_components)  # fmt: skip
+        return self._cca
 
     def _chunks(self, split: str, max_chunks: int = 0) -> Iterator[tuple[int, dict]]:
         batches = eval_batches(self.cfg.data.root, split, self.cfg.train.micro_batch_size,
@@ -87,6 +114,8 @@ class Evaluator:
         model, (s, t) = self.model, self.model.names
         names = ["loss", *model.term_names]
         sums = torch.zeros(len(names) + 3, 2, device=self.device)  # loss terms, s->t, t->s, joint
+        cca = self._cca_scorer()
+        cca_sums = torch.zeros(4, 2, device=self.device)  # CCA: image->caption, caption->image, joint, data
         test_rows: dict[str, list] = {"w2": [], s: [], t: []}
         for j, batch in self._chunks(self.cfg.data.eval_split, max_batches):
             n = batch["observed"].shape[0]
@@ -98,6 +127,8 @@ class Evaluator:
             if self.classifiers is not None:
                 sums[-3] += metrics.cross_coherence_counts(model, s, t, batch[s], batch["label"], self.classifiers[t])
                 sums[-2] += metrics.cross_coherence_counts(model, t, s, batch[t], batch["label"], self.classifiers[s])
+            if cca is not None:
+                cca_sums[[0, 1, 3]] += self._cca_pairs(cca, batch)
             paired, mismatched = metrics.relatedness(model, batch[s], batch[t], torch.Generator().manual_seed(j))
             test_rows["w2"].append(torch.cat([index, paired[:, None], mismatched[:, None]], 1))
             for m in (s, t):
@@ -105,7 +136,9 @@ class Evaluator:
                 test_rows[m].append(torch.cat([index, batch["label"][:, None].float(), z], 1))
         if self.classifiers is not None:
             sums[-1] += self._joint_counts()
-        total = all_reduce_sum(sums).tolist()
+        if cca is not None:
+            cca_sums[2] += self._cca_joint(cca)
+        total, cca_total = all_reduce_sum(sums).tolist(), all_reduce_sum(cca_sums).tolist()
 
         out = {f"eval/{k}": a / c for k, (a, c) in zip(names, total) if c > 0}
         if self.classifiers is not None:
@@ -114,6 +147,10 @@ class Evaluator:
             out["eval/cross_coherence"] = (out[f"eval/coherence_{s}_to_{t}"] + out[f"eval/coherence_{t}_to_{s}"]) / 2
             for m, clf in self.classifiers.items():
                 out[f"eval/classifier_accuracy_{m}"] = float(clf.test_accuracy)
+        if cca is not None:
+            image, caption = cca.image, next(m for m in model.names if m != cca.image)
+            keys = (f"cca_{image}_to_{caption}", f"cca_{caption}_to_{image}", "cca_joint", "cca_data")
+            out.update({f"eval/{key}": a / max(c, 1) for key, (a, c) in zip(keys, cca_total)})
         w2 = self._gather(test_rows["w2"], 3)
         if len(w2):
             out["eval/w2_paired"], out["eval/w2_mismatched"] = w2[:, 1].mean().item(), w2[:, 2].mean().item()
@@ -132,6 +169,27 @@ class Evaluator:
             n = min(size, self.cfg.eval.joint_samples - j * size)
             counts += metrics.joint_coherence_counts(self.model, n, self.classifiers)
         return counts
+
+    def _cca_pairs(self, cca: CCAScorer, batch: dict) -> torch.Tensor:
+        """[image with its generated caption, generated image with its caption, the real pair] as
+        [sum, count] rows; the real pairs are the reference the generations are read against."""
+        image = cca.image
+        caption = next(m for m in self.model.names if m != image)
+        x_img, x_cap = batch[image], batch[caption]
+        return torch.stack([cca.score(x_img, self.model.cross_generate(image, caption, x_img)),
+                            cca.score(self.model.cross_generate(caption, image, x_cap), x_cap),
+                            cca.score(x_img, x_cap)])  # fmt: skip
+
+    def _cca_joint(self, cca: CCAScorer) -> torch.Tensor:
+        """Prior samples decoded into both modalities, as [sum, count]."""
+        caption = next(m for m in self.model.names if m != cca.image)
+        out = torch.zeros(2, device=self.device)
+        size = self.cfg.train.micro_batch_size
+        for j in range(self.rank, -(-self.cfg.eval.joint_samples // size), self.world_size):
+            self._seeded(3, j)
+            generated = self.model.sample_prior(min(size, self.cfg.eval.joint_samples - j * size))
+            out += cca.score(generated[cca.image], generated[caption])
+        return out
 
     def _gather(self, rows: list[torch.Tensor], width: int, capacity: int | None = None) -> torch.Tensor:
         """Every rank's rows, ordered by their global index (column 0)."""
