@@ -72,6 +72,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     zero_stage: int = 0
     max_consecutive_nan: int = 5  # non-finite losses in a row before the run stops
+    # Speed options (docs/benchmarks.md measures each; both leave the loss unchanged, tested):
+    channels_last: bool = True  # NHWC image batches and conv weights
+    compile: bool = False  # torch.compile each encoder/decoder network
 
 
 @dataclass
@@ -235,6 +238,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: key 'data.observed_fraction' must be in (0, 1], got {cfg.data.observed_fraction}")
     if cfg.model.k < 0 or cfg.model.alpha < 0:
         raise ConfigError(f"{source}: keys 'model.k' and 'model.alpha' must be >= 0")
+    if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:
+        # DeepSpeed keeps fp32 master weights for bf16 only inside its ZeRO optimizers; stage 0 would
+        # mean bf16 Adam updates, which round small steps away.
+        raise ConfigError(f"{source}: key 'train.precision' bf16 needs 'train.zero_stage' >= 1 (fp32 master weights); "
+                          "got zero_stage 0")  # fmt: skip
     if len(cfg.model.modalities) not in (0, 2):
         raise ConfigError(f"{source}: key 'model.modalities' must list exactly two modalities (s, t) or none")
     for i, m in enumerate(cfg.model.modalities):

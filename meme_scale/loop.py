@@ -20,6 +20,7 @@ from .evaluate import Evaluator, picture_grid, to_device
 from .models import build_model, count_parameters, modality_specs
 from .preemption import StopFlag, requeue_slurm_job
 from .progress import Progress
+from .speed import apply_speed_options, channels_last_batch
 from .tracking import open_tracker
 
 log = logging.getLogger("meme_scale")
@@ -69,6 +70,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
         first = next(iter(TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
                                       **{**stream_args, "rank": 0, "world_size": 1, "num_workers": 0})))  # fmt: skip
         model.init_pseudo_samples({**first[2], "observed": torch.ones_like(first[2]["observed"])})
+    apply_speed_options(model, cfg.train)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)  # fmt: skip
     engine = build_engine(model, optimizer, deepspeed_config(cfg, info.world_size))
@@ -124,7 +126,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 t0 = time.perf_counter()
                 epoch, index, batch = next(stream)
                 window.data_wait += time.perf_counter() - t0
-                batch = to_device(batch, info.device, dtype)
+                batch = channels_last_batch(to_device(batch, info.device, dtype), cfg.train.channels_last)
                 loss, terms = engine(batch)
                 state.epoch, state.batch = _position_after(train_data, epoch, index)
                 state.samples += batch["observed"].shape[0]
