@@ -43,6 +43,7 @@ def test_override_into_modality_list(tmp_path):
         ("model: {modalities: [{name: a, nett: x}, {name: b}]}\n", None, r"unknown key 'model\.modalities\.0\.nett'"),
         ("train: {max_steps: ten}\n", None, r"bad\.yaml: key 'train\.max_steps' must be int"),
         ("train: {precision: fp8}\n", None, r"'train\.precision' must be one of"),
+        ("train: {precision: bf16}\n", None, r"bad\.yaml: key 'train\.precision' bf16 needs 'train\.zero_stage' >= 1"),
         ("data: {observed_fraction: 1.5}\n", None, r"'data\.observed_fraction' must be in \(0, 1\]"),
         ("train: [1, 2]\n", None, r"key 'train' must be a mapping"),
         ("train: {max_steps: 3\n", None, r"bad\.yaml: not valid YAML"),
