@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -151,13 +152,44 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     model_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file} is missing: not a DeepSpeed checkpoint written by meme_scale")
-    module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
-    state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    if any((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt")):
+    model_states = torch.load(model_file, map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in model_states["module"].items()}
+    stage = model_states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+    if stage == 1 and any((ckpt_dir / tag).glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        state.update(_bf16_optimizer_weights(ckpt_dir / tag, model_states["param_shapes"]))
+    elif any((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt")):
         # ZeRO keeps the exact fp32 weights only in the optimizer partitions; "module" holds bf16 copies.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    return state
+
+
+def _bf16_optimizer_weights(tag_dir: Path, param_shapes: list[dict]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 1).
+
+    Its files are no ZeRO checkpoints to ``zero_to_fp32``: each rank holds one slice of every
+    parameter group's flat fp32 buffer (``single_partition_of_fp32_groups``); in rank order the
+    slices make the buffer, parameters laid out in ``param_shapes`` order, padding at the end.
+    """
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    files = sorted(tag_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_")[4]))  # fmt: skip
+    with torch.serialization.safe_globals([fragment_address]):
+        parts = [torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"] for f in files]
+    if len(parts) != parts[0]["partition_count"][0]:
+        raise ValueError(f"{tag_dir}: {len(parts)} bf16 optimizer files for {parts[0]['partition_count'][0]} ranks")
+    state = {}
+    for g, shapes in enumerate(param_shapes):
+        flat = torch.cat([p["single_partition_of_fp32_groups"][g] for p in parts])
+        offset = 0
+        for name, shape in shapes.items():
+            n = math.prod(shape)
+            state[name] = flat[offset : offset + n].view(tuple(shape)).clone()
+            offset += n
+        if offset > len(flat):
+            raise ValueError(f"{tag_dir}: parameter group {g} holds {len(flat)} values, its parameters {offset}")
     return state
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,8 +44,20 @@ def _worker(rank: int, world: int, port: int, out: str, zero_stage: int, precisi
         assert torch.isfinite(loss)
         engine.backward(loss)
         engine.step()
+    # The checkpoint's consolidated weights are the optimizer's fp32 master weights, whatever the mode
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from meme_scale.checkpoint import consolidated_state_dict
+
+    engine.save_checkpoint(f"{out}.ckpt", tag="t")
+    master = {name: (safe_get_full_fp32_param(p) if zero_stage else p).detach().float()
+              for name, p in engine.module.named_parameters()}  # fmt: skip
+    exact = True
+    if rank == 0:
+        saved = consolidated_state_dict(Path(f"{out}.ckpt"), "t")
+        exact = all(torch.equal(saved[name], value) for name, value in master.items())
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"digest": parameter_digest(engine.module), "steps": engine.global_steps}, f)
+        json.dump({"digest": parameter_digest(engine.module), "steps": engine.global_steps, "exact": exact}, f)
 
 
 @pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
@@ -65,7 +78,7 @@ def test_paired_rank_and_unpaired_rank_complete_in_sync(tmp_path, zero_stage, pr
     assert not hung, "ranks hung"
     assert all(p.exitcode == 0 for p in procs)
     results = [json.load(open(f"{out}.{r}")) for r in range(2)]
-    assert results[0] == results[1] and results[0]["steps"] == 3
+    assert results[0] == results[1] and results[0]["steps"] == 3 and results[0]["exact"]
     # DeepSpeed's CPU shared-memory all-reduce stays unloaded: nothing is left behind in /dev/shm
     leftovers = [f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}" for r in range(2)]
     assert not [p for p in leftovers if os.path.exists(p)]
