@@ -19,9 +19,11 @@ def _weights(run_dir):
     return torch.load(run_dir / "final" / "model.pt", weights_only=True)["state_dict"]
 
 
-def test_deepspeed_zero2_bf16_ranks_stay_in_sync_and_resume(quickstart_shards, tmp_path):
+@pytest.mark.parametrize("zero_stage", [1, 2])  # bf16 at stage 1 is DeepSpeed's BF16_Optimizer, at 2 its ZeRO optimizer
+def test_deepspeed_zero_bf16_ranks_stay_in_sync_and_resume(quickstart_shards, tmp_path, zero_stage):
     run_dir = tmp_path / "run"
-    args = train_args(quickstart_shards, run_dir, "train.zero_stage=2", "train.precision=bf16", "train.max_steps=6")
+    args = train_args(quickstart_shards, run_dir, f"train.zero_stage={zero_stage}", "train.precision=bf16",
+                      "train.max_steps=6")  # fmt: skip
     launch("deepspeed", args)
     first = summary(run_dir)
     digests = first["parameter_digest_per_rank"]
