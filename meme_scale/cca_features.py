@@ -172,8 +172,9 @@ class CCAScorer:
     same scorer from the same samples without talking to the others.
     """
 
-    def __init__(self, image: str, image_kind: str, tokenizer, embedder: SentenceEmbedder, cca):
-        self.image, self.image_kind, self.tokenizer, self.embedder, self.cca = image, image_kind, tokenizer, embedder, cca
+    def __init__(self, image: str, image_kind: str, caption: str, tokenizer, embedder: SentenceEmbedder, cca):
+        self.image, self.image_kind, self.caption = image, image_kind, caption
+        self.tokenizer, self.embedder, self.cca = tokenizer, embedder, cca
 
     @classmethod
     def fit(cls, batches: Iterable[dict], image: str, image_kind: str, caption: str, tokenizer,
@@ -189,7 +190,7 @@ class CCAScorer:
         feats_np, texts = np.concatenate(feats)[:n_samples], texts[:n_samples]
         embedder = SentenceEmbedder(vectors, word_counts(texts)).fit(texts)
         k = min(n_components, feats_np.shape[1], vectors.dim, len(texts) - 1)
-        return cls(image, image_kind, tokenizer, embedder, fit_cca(feats_np, embedder(texts), k))
+        return cls(image, image_kind, caption, tokenizer, embedder, fit_cca(feats_np, embedder(texts), k))
 
     def score(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         """``[sum of pair scores, number of pairs]`` (float32, on ``images``' device)."""

@@ -148,7 +148,7 @@ class Evaluator:
             for m, clf in self.classifiers.items():
                 out[f"eval/classifier_accuracy_{m}"] = float(clf.test_accuracy)
         if cca is not None:
-            image, caption = cca.image, next(m for m in model.names if m != cca.image)
+            image, caption = cca.image, cca.caption
             keys = (f"cca_{image}_to_{caption}", f"cca_{caption}_to_{image}", "cca_joint", "cca_data")
             out.update({f"eval/{key}": a / max(c, 1) for key, (a, c) in zip(keys, cca_total)})
         w2 = self._gather(test_rows["w2"], 3)
@@ -173,8 +173,7 @@ class Evaluator:
     def _cca_pairs(self, cca: CCAScorer, batch: dict) -> torch.Tensor:
         """[image with its generated caption, generated image with its caption, the real pair] as
         [sum, count] rows; the real pairs are the reference the generations are read against."""
-        image = cca.image
-        caption = next(m for m in self.model.names if m != image)
+        image, caption = cca.image, cca.caption
         x_img, x_cap = batch[image], batch[caption]
         return torch.stack([cca.score(x_img, self.model.cross_generate(image, caption, x_img)),
                             cca.score(self.model.cross_generate(caption, image, x_cap), x_cap),
@@ -182,13 +181,12 @@ class Evaluator:
 
     def _cca_joint(self, cca: CCAScorer) -> torch.Tensor:
         """Prior samples decoded into both modalities, as [sum, count]."""
-        caption = next(m for m in self.model.names if m != cca.image)
         out = torch.zeros(2, device=self.device)
         size = self.cfg.train.micro_batch_size
         for j in range(self.rank, -(-self.cfg.eval.joint_samples // size), self.world_size):
             self._seeded(3, j)
             generated = self.model.sample_prior(min(size, self.cfg.eval.joint_samples - j * size))
-            out += cca.score(generated[cca.image], generated[caption])
+            out += cca.score(generated[cca.image], generated[cca.caption])
         return out
 
     def _gather(self, rows: list[torch.Tensor], width: int, capacity: int | None = None) -> torch.Tensor:
