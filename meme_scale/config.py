@@ -73,7 +73,7 @@ class TrainConfig:
     zero_stage: int = 0
     max_consecutive_nan: int = 5  # non-finite losses in a row before the run stops
     # Speed options (docs/benchmarks.md measures each; both leave the loss unchanged, tested):
-    channels_last: bool = True  # NHWC image batches and conv weights
+    channels_last: bool = True  # conv layers run on NHWC inputs
     compile: bool = False  # torch.compile each encoder/decoder network
 
 

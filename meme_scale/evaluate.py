@@ -49,7 +49,7 @@ class Evaluator:
         self.meta = read_meta(cfg.data.root)
         self.has_labels = bool(self.meta.get("label"))
         self.classifiers = self._load_classifiers()
-        self._cca: CCAScorer | None | bool = False  # fitted on first use (it reads training data)
+        self.cca = self._fit_cca()
 
     # -- setup ----------------------------------------------------------------------------------
     def _load_classifiers(self) -> dict | None:
@@ -62,11 +62,8 @@ class Evaluator:
             return None
         return {m: load_classifier(p, map_location=self.device) for m, p in paths.items()}
 
-    def _cca_scorer(self) -> CCAScorer | None:
+    def _fit_cca(self) -> CCAScorer | None:
         """For one image-like and one caption modality with word vectors at hand; else None."""
-        if self._cca is not False:
-            return self._cca
-        self._cca = None
         kinds = {m: self.model.specs[m].kind for m in self.model.names}
         captions = [m for m, k in kinds.items() if k == "caption"]
         if len(captions) != 1:
@@ -82,10 +79,9 @@ class Evaluator:
             return None
         batches = eval_batches(self.cfg.data.root, self.cfg.data.train_split, self.cfg.train.micro_batch_size,
                                modalities=[image, caption], rank=0, world_size=1)  # fmt: skip
-        self._cca = CCAScorer.fit(batches, image, kinds[image], caption,
-                                  load_tokenizer(self.cfg.data.root, self.meta, caption), load_word_vectors(path),
-                                  self.cfg.eval.cca_train_samples, self.cfg.eval.cca_components)  # fmt: skip
-        return self._cca
+        tokenizer = load_tokenizer(self.cfg.data.root, self.meta, caption)
+        return CCAScorer.fit(batches, image, kinds[image], caption, tokenizer, load_word_vectors(path),
+                             self.cfg.eval.cca_train_samples, self.cfg.eval.cca_components)  # fmt: skip
 
     def _chunks(self, split: str, max_chunks: int = 0) -> Iterator[tuple[int, dict]]:
         batches = eval_batches(self.cfg.data.root, split, self.cfg.train.micro_batch_size,
@@ -114,7 +110,7 @@ class Evaluator:
         model, (s, t) = self.model, self.model.names
         names = ["loss", *model.term_names]
         sums = torch.zeros(len(names) + 3, 2, device=self.device)  # loss terms, s->t, t->s, joint
-        cca = self._cca_scorer()
+        cca = self.cca
         cca_sums = torch.zeros(4, 2, device=self.device)  # CCA: image->caption, caption->image, joint, data
         test_rows: dict[str, list] = {"w2": [], s: [], t: []}
         for j, batch in self._chunks(self.cfg.data.eval_split, max_batches):

@@ -20,7 +20,7 @@ from .evaluate import Evaluator, picture_grid, to_device
 from .models import build_model, count_parameters, modality_specs
 from .preemption import StopFlag, requeue_slurm_job
 from .progress import Progress
-from .speed import apply_speed_options, channels_last_batch
+from .speed import apply_speed_options
 from .tracking import open_tracker
 
 log = logging.getLogger("meme_scale")
@@ -126,7 +126,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 t0 = time.perf_counter()
                 epoch, index, batch = next(stream)
                 window.data_wait += time.perf_counter() - t0
-                batch = channels_last_batch(to_device(batch, info.device, dtype), cfg.train.channels_last)
+                batch = to_device(batch, info.device, dtype)
                 loss, terms = engine(batch)
                 state.epoch, state.batch = _position_after(train_data, epoch, index)
                 state.samples += batch["observed"].shape[0]

@@ -1,5 +1,5 @@
-"""The step's speed options (``train.channels_last``, ``train.compile``), applied to a built model
-and to each batch. Neither changes what is computed, only how (tests/test_speed.py)."""
+"""The step's speed options (``train.channels_last``, ``train.compile``), applied to a built model.
+Neither changes what is computed, only how (tests/test_speed.py)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,3 @@ def apply_speed_options(model: nn.Module, train_cfg) -> nn.Module:
 def _nhwc_input(_module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
-
-def channels_last_batch(batch: dict, enabled: bool) -> dict:
-    """Image tensors ``[B, C, H, W]`` in NHWC memory order (values and shapes unchanged)."""
-    if not enabled:
-        return batch
-    return {k: v.contiguous(memory_format=torch.channels_last) if isinstance(v, torch.Tensor) and v.dim() == 4 else v
-            for k, v in batch.items()}  # fmt: skip

@@ -64,7 +64,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -77,6 +76,7 @@ from typing import Any, Callable
 import yaml
 
 from .config import Config, ConfigError, dump_yaml, flatten, load_config
+from .engine import free_port
 
 DEFAULT_METRIC = "eval/cross_coherence"  # validation cross coherence: mean of s->t and t->s
 DEFAULT_MODE = "max"
@@ -596,7 +596,7 @@ def _one_process(cfg: Config, cfg_path: Path, run_dir: Path, metric: str) -> Non
 
     ckpt_dir = run_dir / "checkpoints"
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_PORT": str(free_port(""))}  # fmt: skip
 
     def on_report(metrics: dict, step: int, proc: subprocess.Popen) -> None:
         _check_metric(metrics, metric, step)
@@ -657,7 +657,7 @@ def rank_worker(loop_config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    box = [_free_port() if rank == 0 else None]  # training gets its own process group, beside Ray Train's
+    box = [free_port("") if rank == 0 else None]  # training gets its own process group, beside Ray Train's
     dist.broadcast_object_list(box, src=0)
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(ctx.get_local_rank()),
            "LOCAL_SIZE": str(ctx.get_local_world_size()), "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
@@ -669,12 +669,6 @@ def rank_worker(loop_config: dict) -> None:
 
     _train_process(Path(loop_config["config_path"]), Path(loop_config["run_dir"]), env, on_report,
                    loop_config["max_steps"])  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _train_process(cfg_path: Path, run_dir: Path, dist_env: dict[str, str],

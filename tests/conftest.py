@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from meme_scale.engine import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -22,12 +23,6 @@ def quickstart_shards(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "quickstart", "--out", str(out)],
                    check=True, cwd=ROOT, capture_output=True)  # fmt: skip
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from meme_scale.config import deepspeed_config, load_config  # noqa: E402
+from meme_scale.engine import free_port  # noqa: E402
 from meme_scale.models import build_model, modality_specs  # noqa: E402
 
 SHAPES = {
@@ -92,14 +93,13 @@ class Engine:
         from meme_scale.engine import build_engine
         from meme_scale.evaluate import to_device
         from meme_scale.loop import DTYPES
-        from meme_scale.speed import apply_speed_options, channels_last_batch
+        from meme_scale.speed import apply_speed_options
 
         torch.manual_seed(0)
         model = apply_speed_options(build_model(cfg.model, specs), cfg.train)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
         self.engine = build_engine(model, opt, deepspeed_config(cfg, 1))
-        self.batch = channels_last_batch(to_device(batch, torch.device("cpu"), DTYPES[cfg.train.precision]),
-                                         cfg.train.channels_last)  # fmt: skip
+        self.batch = to_device(batch, torch.device("cpu"), DTYPES[cfg.train.precision])
 
     def step(self) -> None:
         loss, _ = self.engine(self.batch)
@@ -196,19 +196,11 @@ def reader_rate(root: Path, workers: int, batch_size: int, batches: int = 40) ->
     return n / (time.perf_counter() - t0)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_training(root: Path, ranks: int, steps: int, batch_size: int, work: Path) -> float:
     """samples/s of a real torchrun training run (the last logged window: start-up excluded)."""
     run_dir = work / f"run_{ranks}"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "--master_port",
-           str(_free_port()), str(ROOT / "meme_scale" / "train.py"), "--config", str(ROOT / "configs" / "mnist_svhn.yaml"),
+           str(free_port()), str(ROOT / "meme_scale" / "train.py"), "--config", str(ROOT / "configs" / "mnist_svhn.yaml"),
            f"data.root={root}", f"run.dir={run_dir}", f"train.max_steps={steps}",
            f"train.micro_batch_size={batch_size // ranks}", f"run.log_every={steps // 2}", "run.eval_every=100000",
            "run.eval_max_batches=1", "run.progress=none", "eval.latent_train_samples=128", "eval.joint_samples=128",
@@ -224,7 +216,7 @@ def allreduce_share(batch_size: int) -> dict:
     """Two gloo ranks: the step (MNIST-SVHN, shipped config, half the batch each) and the gradient all-reduce alone."""
     import torch.multiprocessing as mp
 
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "share.json"
         mp.start_processes(_share_worker, args=(port, batch_size // 2, str(out)), nprocs=2, start_method="spawn")
