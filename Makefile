@@ -9,10 +9,14 @@ export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup quickstart test clean
 
+# Without a GPU, torch comes from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build);
+# a local wheel cache that already holds the CPU build wins either way (an unreachable index only warns).
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
 $(BIN)/activate: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	# torch first, pinned, so nothing else can pull a CUDA build on a CPU machine.
-	$(PIP) torch==2.13.0
+	$(PIP) $(TORCH_INDEX) torch==2.13.0
 	$(PIP) -e '.[dev]'
 	touch $(BIN)/activate
 

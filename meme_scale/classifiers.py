@@ -95,7 +95,7 @@ def train_classifier(images: Tensor, labels: Tensor, num_classes: int, epochs: i
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}); got [{int(labels.min())}, {int(labels.max())}]")
     device = images.device
-    with torch.random.fork_rng(devices=_rng_devices(device)), torch.enable_grad():
+    with torch.random.fork_rng(devices=rng_devices(device)), torch.enable_grad():
         torch.manual_seed(seed)
         model = DigitClassifier(tuple(images.shape[1:]), num_classes).to(device)
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
@@ -173,7 +173,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     return freeze(model.to(map_location))
 
 
-def _rng_devices(device: torch.device) -> list[int]:
+def rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
     return []

@@ -51,7 +51,7 @@ class DataConfig:
     eval_split: str = "test"
     observed_fraction: float = 1.0  # fraction of training samples that are paired
     missing: str = "either"  # which modality an unpaired sample keeps hidden: s | t | either
-    mask_seed: int = 0
+    mask_seed: int = 0  # which samples are paired; separate from train.seed so seeds share one pattern
     num_workers: int = 1
 
 

@@ -11,7 +11,7 @@ import torch
 
 from . import metrics
 from .cca_features import CCAScorer, load_word_vectors
-from .classifiers import load_classifier
+from .classifiers import load_classifier, rng_devices
 from .data.shards import eval_batches, load_tokenizer, read_meta
 from .engine import all_reduce_sum, broadcast_object
 from .models import MultimodalVAE
@@ -30,6 +30,44 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype = torc
                 value = value.to(float_dtype)
         out[key] = value
     return out
+
+
+def classifier_paths(cfg, modalities) -> dict[str, Path]:
+    folder = Path(cfg.eval.classifiers or Path(cfg.data.root) / "classifiers")
+    return {m: folder / f"{m}.pt" for m in modalities}
+
+
+def word_vectors_path(cfg) -> Path:
+    return Path(cfg.eval.cca_word_vectors or Path(cfg.data.root) / "word_vectors.txt")
+
+
+def cca_pair(kinds: dict[str, str]) -> tuple[str, str] | None:
+    """(image-like, caption) modality names when exactly one of two modalities is a caption."""
+    captions = [m for m, k in kinds.items() if k == "caption"]
+    if len(kinds) != 2 or len(captions) != 1:
+        return None
+    return next(m for m in kinds if m != captions[0]), captions[0]
+
+
+def metric_names(cfg, meta: dict, kinds: dict[str, str]) -> set[str]:
+    """The ``eval/*`` names an Evaluator of this config reports besides the loss terms.
+
+    Sweeps check their metric against this before any trial starts; a test holds it equal to what
+    evaluation really returns. Relatedness always; latent accuracy with labels; coherence when every
+    modality's classifier exists; CCA coherence for an image-caption pair with word vectors.
+    """
+    s, t = kinds
+    names = {"eval/w2_paired", "eval/w2_mismatched"}
+    if meta.get("label"):
+        names |= {f"eval/latent_accuracy_{m}" for m in kinds}
+        if all(p.is_file() for p in classifier_paths(cfg, kinds).values()):
+            names |= {"eval/cross_coherence", f"eval/coherence_{s}_to_{t}", f"eval/coherence_{t}_to_{s}",
+                      "eval/coherence_joint", *(f"eval/classifier_accuracy_{m}" for m in kinds)}  # fmt: skip
+    pair = cca_pair(kinds)
+    if pair is not None and word_vectors_path(cfg).is_file():
+        image, caption = pair
+        names |= {f"eval/cca_{image}_to_{caption}", f"eval/cca_{caption}_to_{image}", "eval/cca_joint", "eval/cca_data"}
+    return names
 
 
 class Evaluator:
@@ -53,23 +91,22 @@ class Evaluator:
 
     # -- setup ----------------------------------------------------------------------------------
     def _load_classifiers(self) -> dict | None:
-        folder = Path(self.cfg.eval.classifiers or Path(self.cfg.data.root) / "classifiers")
-        paths = {m: folder / f"{m}.pt" for m in self.model.names}
+        paths = classifier_paths(self.cfg, self.model.names)
         if not self.has_labels or not all(p.is_file() for p in paths.values()):
             if self.rank == 0:
                 log.info("no classifiers for %s in %s: coherence is skipped (tools/train_classifiers.py --shards %s)",
-                         "+".join(self.model.names), folder, self.cfg.data.root)  # fmt: skip
+                         "+".join(self.model.names), next(iter(paths.values())).parent, self.cfg.data.root)  # fmt: skip
             return None
         return {m: load_classifier(p, map_location=self.device) for m, p in paths.items()}
 
     def _fit_cca(self) -> CCAScorer | None:
         """For one image-like and one caption modality with word vectors at hand; else None."""
         kinds = {m: self.model.specs[m].kind for m in self.model.names}
-        captions = [m for m, k in kinds.items() if k == "caption"]
-        if len(captions) != 1:
+        pair = cca_pair(kinds)
+        if pair is None:
             return None
-        caption, image = captions[0], next(m for m in self.model.names if m != captions[0])
-        path = Path(self.cfg.eval.cca_word_vectors or Path(self.cfg.data.root) / "word_vectors.txt")
+        image, caption = pair
+        path = word_vectors_path(self.cfg)
         if not path.is_file():
             if self.cfg.eval.cca_word_vectors:
                 raise FileNotFoundError(f"eval.cca_word_vectors: {path} does not exist")
@@ -98,7 +135,8 @@ class Evaluator:
     # -- the pass over the eval split -----------------------------------------------------------
     @torch.no_grad()
     def __call__(self, max_batches: int = 0, histogram: str | Path | None = None) -> dict[str, float]:
-        with torch.random.fork_rng(devices=[]):  # evaluation never shifts the training run's random stream
+        # evaluation never shifts the training run's random stream (on GPU its CUDA stream too)
+        with torch.random.fork_rng(devices=rng_devices(self.device)):
             was_training = self.model.training
             self.model.eval()
             try:
@@ -225,10 +263,15 @@ def picture_grid(model: MultimodalVAE, batch: dict, path: str | Path, device: to
     was_training = model.training
     model.eval()
     batch = to_device({k: v[:n] for k, v in batch.items() if isinstance(v, torch.Tensor)}, device, float_dtype)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(0)
         rows = _rows(model, batch, images, n, lambda name, x: texts[name](x) if name in texts else x)
     model.train(was_training)
+    text_rows = [(label, cells) for label, cells in rows if isinstance(cells, list)]
+    if text_rows:  # generated captions, readable in the logs and MLflow without opening the picture
+        lines = [f"{label}\t{i}\t{text}" for label, cells in text_rows for i, text in enumerate(cells)]
+        Path(path).with_suffix(".txt").parent.mkdir(parents=True, exist_ok=True)
+        Path(path).with_suffix(".txt").write_text("\n".join(lines) + "\n")
     return save_grid(rows, path)
 
 

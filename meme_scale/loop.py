@@ -44,13 +44,18 @@ class State:
     extra: dict = field(default_factory=dict)
 
 
-def run(cfg: Config, resume: str | None = None, config_path: str | None = None, report=None) -> dict:
+def run(cfg: Config, resume: str | None = None, config_path: str | None = None, report=None,
+        run_id: str | None = None, optim_from_config: bool = False) -> dict:
     """Trains ``cfg`` to ``train.max_steps`` (or until stopped) and returns the summary dict.
 
     ``resume``: None (start fresh; refuses a run dir that already has checkpoints), "auto" (newest
     complete checkpoint if any) or a checkpoint tag/path. ``report(metrics, step)`` is called on
-    every rank after each evaluation (Ray Tune hooks in here).
+    every rank after each evaluation (Ray Tune hooks in here). ``run_id``: an existing MLflow run to
+    log into when the checkpoint names none (a sweep's child run). ``optim_from_config``: after a
+    checkpoint loads, the optimizer takes ``cfg.optim`` again instead of the saved lr, betas and
+    weight decay (PBT changes ``optim.lr`` between a trial's segments).
     """
+    stop = StopFlag()  # first: a preemption warning during setup must stop the run, not kill it
     info = init_distributed()
     _setup_logging(info)
     run_dir = Path(cfg.run.dir)
@@ -65,7 +70,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     model = build_model(cfg.model, specs)
     stream_args = dict(modalities=names, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                        observed_fraction=cfg.data.observed_fraction, missing=cfg.data.missing,
-                       num_workers=cfg.data.num_workers)  # fmt: skip
+                       mask_seed=cfg.data.mask_seed, num_workers=cfg.data.num_workers)  # fmt: skip
     if cfg.model.pseudo_init == "data" and hasattr(model, "init_pseudo_samples"):
         first = next(iter(TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
                                       **{**stream_args, "rank": 0, "world_size": 1, "num_workers": 0})))  # fmt: skip
@@ -79,10 +84,14 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     tag = _resume_tag(ckpt_dir, resume, info)
     if tag is not None:
         saved = checkpoint.load(engine, ckpt_dir, tag, info.rank, info.world_size)
+        if optim_from_config:
+            checkpoint.apply_optim_settings(engine.optimizer, cfg.optim)
         state = State(step=saved["step"], epoch=saved["epoch"], batch=saved["batch"], samples=saved["samples"],
                       nan_skipped=saved["nan_skipped"], run_id=saved["run_id"])  # fmt: skip
         if saved["world_size"] != info.world_size:  # positions were counted in the old per-rank batches
             state.epoch, state.batch = state.epoch + 1, 0
+            # no saved stream for this rank: seed one per rank (and step), or every rank would draw the same noise
+            torch.manual_seed((cfg.train.seed * 1000 + info.rank) * 1_000_003 + state.step)
         if info.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir / tag, state.step, state.epoch, state.batch)
     # The training noise starts here: a resumed rank continues its own saved stream, a fresh one is
@@ -93,7 +102,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     start_rng = checkpoint.rng_state()
 
     tracker = open_tracker(info.is_main, cfg.run.tracking_uri, run_dir, cfg.run.experiment, cfg.run.run_name,
-                           run_id=state.run_id, tags={"model": cfg.model.name, "world_size": info.world_size})  # fmt: skip
+                           run_id=state.run_id or run_id, tags={"model": cfg.model.name, "world_size": info.world_size})  # fmt: skip
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -110,15 +119,13 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     train_data = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
                              start_epoch=state.epoch, start_batch=state.batch, **stream_args)  # fmt: skip
     stream = iter(train_data)
-    stop = StopFlag()
     progress = Progress(cfg.train.max_steps, state.step, cfg.run.progress, enabled=info.is_main)
     evaluator = Evaluator(engine.module, cfg, info.rank, info.world_size, info.device, dtype)
     window = _Window(info.device)
     consecutive_nan = 0
     stopped_by = None
-    t_start = time.perf_counter()
+    t_start, samples_at_start = time.perf_counter(), state.samples
     checkpoint.set_rng_state(start_rng)
-    status = "FAILED"
     try:
         while state.step < cfg.train.max_steps:
             micro = 0
@@ -144,6 +151,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                     continue
                 consecutive_nan = 0
                 engine.backward(loss)
+                if engine.is_gradient_accumulation_boundary():
+                    window.grad_norm = _unreported_grad_norm(engine)
                 engine.step()
                 window.add(loss, terms, batch["observed"].shape[0])
                 micro += 1
@@ -153,7 +162,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
             window.time = time.perf_counter() - window.t0
 
             if state.step % cfg.run.log_every == 0 or state.step == cfg.train.max_steps:
-                metrics = window.reduce(info) | _engine_metrics(engine, info, state)
+                metrics = window.reduce(info) | _engine_metrics(engine, info, state, window)
                 tracker.log_metrics(metrics, state.step)
                 progress.update(state.step, metrics["samples_per_s"], metrics)
                 window = _Window(info.device)
@@ -165,18 +174,25 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 _save(engine, ckpt_dir, state, cfg, info)
             if stopped_by:
                 break
-        status = "FINISHED" if not stopped_by else "KILLED"
+    except BaseException as e:
+        if info.is_main:  # the run's record says why it ended; the last good checkpoint stays as it was
+            tracker.finish("FAILED")
+            run_dir.joinpath("summary.json").write_text(json.dumps(
+                {"status": "failed", "error": f"{type(e).__name__}: {e}", "step": state.step,
+                 "nan_skipped": state.nan_skipped, "mlflow_run_id": state.run_id, "run_dir": str(run_dir),
+                 "last_checkpoint": checkpoint.latest_tag(ckpt_dir)}, indent=2))  # fmt: skip
+        raise
     finally:
         progress.close()
-        if info.is_main and status == "FAILED":
-            tracker.finish("FAILED")
 
     # -- finish -----------------------------------------------------------------------------
-    summary = {"step": state.step, "stopped_by": stopped_by, "nan_skipped": state.nan_skipped,
-               "wall_s": time.perf_counter() - t_start, "mlflow_run_id": state.run_id,
+    summary = {"status": "stopped" if stopped_by else "finished", "step": state.step, "stopped_by": stopped_by,
+               "nan_skipped": state.nan_skipped, "wall_s": time.perf_counter() - t_start,  # this session's
+               "mlflow_run_id": state.run_id,
                "tracking_uri": tracker.tracking_uri, "checkpoint": str(ckpt_dir / checkpoint.tag_for(state.step)),
                "run_dir": str(run_dir), "world_size": info.world_size}  # fmt: skip
-    summary["samples_per_s"] = all_reduce_sum(torch.tensor([state.samples])).item() / max(summary["wall_s"], 1e-9)
+    new_samples = all_reduce_sum(torch.tensor([state.samples - samples_at_start])).item()
+    summary["samples_per_s"] = new_samples / max(summary["wall_s"], 1e-9)
     summary["parameter_digest_per_rank"] = all_gather_object(parameter_digest(engine.module))
     if info.is_main:
         summary["final"] = _final_metrics(tracker)
@@ -203,6 +219,7 @@ class _Window:
         self.t0 = time.perf_counter()
         self.time = 0.0
         self.data_wait = 0.0
+        self.grad_norm: torch.Tensor | None = None  # where DeepSpeed keeps none (fp32 without ZeRO)
         self.sums: torch.Tensor | None = None
         self.names: list[str] = []
         self.device = device
@@ -226,9 +243,22 @@ class _Window:
         return metrics
 
 
-def _engine_metrics(engine, info: DistInfo, state: State) -> dict[str, float]:
+def _unreported_grad_norm(engine) -> torch.Tensor | None:
+    """The gradient norm before the optimizer step, where DeepSpeed computes none itself.
+
+    Its fp16, bf16 and ZeRO optimizers keep one; a plain torch optimizer at ZeRO stage 0 does not.
+    The gradients are all-reduced by now, so every rank gets the global norm. No host sync here.
+    """
+    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm() if grads else None
+
+
+def _engine_metrics(engine, info: DistInfo, state: State, window: _Window) -> dict[str, float]:
     metrics = {"lr": engine.get_lr()[0], "nan_skipped": state.nan_skipped}
     norm = engine.get_global_grad_norm()
+    norm = norm if norm is not None else window.grad_norm
     if norm is not None:
         metrics["grad_norm"] = float(norm)
     if engine.fp16_enabled():
@@ -253,7 +283,8 @@ def _evaluate(evaluator: Evaluator, cfg: Config, info: DistInfo, tracker, run_di
         batch = next(iter(eval_batches(cfg.data.root, cfg.data.eval_split, 16, modalities=model.names, rank=0,
                                        world_size=1)))  # fmt: skip
         grid = picture_grid(model, batch, pictures / f"step_{step:08d}.png", info.device, evaluator.dtype)
-        for path in (grid, pictures / f"relatedness_{step:08d}.png"):
+        captions = grid.with_suffix(".txt") if grid is not None else None
+        for path in (grid, captions, pictures / f"relatedness_{step:08d}.png"):
             if path is not None and path.exists():
                 tracker.log_artifact(path, "pictures")
         tracker.log_metrics(metrics, step)

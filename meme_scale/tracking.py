@@ -15,10 +15,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# A run to continue when the checkpoint names none: tune.py creates each trial's MLflow child run
-# (tagged with its sweep's parent run) before training starts and hands its id over through this.
-RUN_ID_ENV = "MEME_SCALE_MLFLOW_RUN_ID"
-
 
 def default_tracking_uri(run_dir: str | Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
@@ -99,7 +95,6 @@ def open_tracker(is_main: bool, tracking_uri: str, run_dir: str | Path, experime
                  run_id: str | None = None, tags: dict[str, Any] | None = None) -> NullTracker:  # fmt: skip
     if not is_main:
         return NullTracker()
-    run_id = run_id or os.environ.get(RUN_ID_ENV) or None
     uri = tracking_uri or default_tracking_uri(run_dir)
     artifact_root = None
     if uri.startswith("sqlite:///"):

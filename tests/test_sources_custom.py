@@ -163,3 +163,50 @@ def test_infer_kind_rules() -> None:
     assert spec == {"kind": "image", "shape": [3, 32, 32]} and img.shape == (4, 3, 32, 32)
     with pytest.raises(ValueError, match="not an image"):
         custom.infer_kind("x", np.zeros((4, 5, 6, 7), np.uint8), "x.npy")
+
+
+def test_too_small_vocab_size_is_a_clear_error_and_leaves_nothing(tmp_path, capsys) -> None:
+    fakeraw.arrays_folder(str(tmp_path / "arr"), n=20)
+    res = cli(capsys, "custom", "--arrays", str(tmp_path / "arr"), "--out", str(tmp_path / "out"),
+              "--vocab-size", "100")
+    assert res.returncode == 1 and res.stderr.startswith("make_shards.py custom: error: --vocab-size"), res
+    assert re.search(r"--vocab-size \(meta.json vocab_size\) 100 is too small.* at least \d+ ", res.stderr), res
+    assert "Traceback" not in res.stderr
+    assert_nothing_left(tmp_path)
+
+
+def bytes_captions_folder(folder, captions: list[bytes]) -> str:
+    """An arrays folder whose captions are a bytes array (numpy dtype kind 'S'), beside a vector."""
+    os.makedirs(folder)
+    np.save(folder / "caps.npy", np.array(captions))
+    np.save(folder / "vec.npy", np.arange(len(captions) * 4, dtype=np.float32).reshape(-1, 4))
+    return str(folder)
+
+
+def test_bytes_caption_array_is_decoded_as_utf8(tmp_path, capsys) -> None:
+    texts = [f"a red bird number {i} in the café" for i in range(20)]
+    folder = bytes_captions_folder(tmp_path / "arr", [t.encode("utf-8") for t in texts])
+    assert np.load(os.path.join(folder, "caps.npy")).dtype.kind == "S"
+    out = str(tmp_path / "out")
+    res = cli(capsys, "custom", "--arrays", folder, "--out", out, "--kind", "vec=vector")
+    assert res.returncode == 0, res.stderr
+    got = {raw["vec.npy"]: raw["caps.txt"].decode() for raw in rows(out)}
+    assert len(got) == 20
+    for raw_vec, caption in got.items():  # the stored text is the original, not "b'a red bird ...'"
+        i = int(np.load(io.BytesIO(raw_vec))[0]) // 4
+        assert caption == texts[i]
+    tk = tok.Tokenizer.load(os.path.join(out, read_meta(out)["modalities"]["caps"]["tokenizer"]))
+    assert tk.decode(tk.encode(texts[0])) == texts[0]
+    assert "b'" not in "".join(tk.sp.id_to_piece(i) for i in range(tk.vocab_size))  # trained on the text
+
+
+def test_bytes_caption_that_is_not_utf8_names_file_and_row(tmp_path, capsys) -> None:
+    caps = [f"a red bird number {i}".encode() for i in range(20)]
+    caps[3] = b"a \xff\xfe bird"
+    folder = bytes_captions_folder(tmp_path / "arr", caps)
+    res = cli(capsys, "custom", "--arrays", folder, "--out", str(tmp_path / "out"))
+    assert res.returncode == 1, res
+    assert f"{os.path.join(folder, 'caps.npy')}, row 3: caption is not UTF-8 (pass --skip-bad" in res.stderr
+    assert_nothing_left(tmp_path)
+    res = cli(capsys, "custom", "--arrays", folder, "--out", str(tmp_path / "ok"), "--skip-bad")
+    assert res.returncode == 0 and "skipped 1 bad (caption is not UTF-8: 1)" in res.stdout, res

@@ -92,3 +92,14 @@ def test_errors_name_the_problem(tmp_path) -> None:
         tok.train(["", "  "])
     with pytest.raises(ValueError, match="vocab_size"):
         tok.train(CAPTIONS, vocab_size=10)
+
+
+def test_too_small_vocab_size_names_the_option_and_its_minimum() -> None:
+    # byte fallback needs 256 byte pieces + pad/unk/eos + every distinct character: below that
+    # sentencepiece dies with a bare RuntimeError, which make_shards.py would print as a traceback
+    need = tok.min_vocab_size(tok.normalise(c) for c in CAPTIONS)
+    assert need == 259 + len(set("".join(tok.normalise(c) for c in CAPTIONS)))
+    with pytest.raises(ValueError, match=rf"--vocab-size \(meta.json vocab_size\) {need - 1} is too small.* "
+                                         rf"at least {need} "):
+        tok.train(CAPTIONS, vocab_size=need - 1)
+    assert tok.train(CAPTIONS, vocab_size=need).vocab_size <= need  # the minimum itself is accepted

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import launch, summary, train_args
+from conftest import ROOT, launch, run_group, summary, train_args
+from meme_scale.config import load_config
 from meme_scale.checkpoint import complete_tags, export
 from meme_scale.tracking import default_tracking_uri
 
@@ -72,7 +75,9 @@ def test_plain_python_trains_and_mlflow_holds_the_run(quickstart_shards, tmp_pat
     assert run.data.params["train.max_steps"] == "40" and run.data.params["model.name"] == "meme"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) == 20 and losses[-1] < 0.9 * losses[0]  # the loss falls
-    assert {"samples_per_s", "data_wait_share", "lr", "eval/loss"} <= set(run.data.metrics)
+    assert {"samples_per_s", "data_wait_share", "lr", "eval/loss", "grad_norm", "log_p_mnist",
+            "kl_mnist_given_digits"} <= set(run.data.metrics)  # fp32 without ZeRO: DeepSpeed has no grad norm
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "grad_norm"))
     pictures = [f.path for f in client.list_artifacts(run.info.run_id, "pictures") if "step_" in f.path]
     assert pictures == ["pictures/step_00000020.png", "pictures/step_00000040.png"]
     local = client.download_artifacts(run.info.run_id, pictures[-1], str(tmp_path))
@@ -130,3 +135,27 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(quickstart_shards, tmp_
     assert torch.load(out, weights_only=True)["step"] == 1
     runs = MlflowClient(default_tracking_uri(run_dir)).search_runs(["1"])
     assert [r.info.status for r in runs] == ["FAILED"]
+    record = summary(run_dir)  # the run says why it ended and which checkpoint is left
+    assert record["status"] == "failed" and "non-finite" in record["error"]
+    assert record["last_checkpoint"] == "step_00000001" and record["nan_skipped"] == 3
+
+
+def test_resume_keeps_the_saved_learning_rate_unless_told_otherwise(quickstart_shards, tmp_path):
+    """DeepSpeed restores the optimizer's lr with its moments; ``optim_from_config`` (Tune's PBT) overrides it."""
+    base = tmp_path / "base"
+    launch("python", train_args(quickstart_shards, base, "train.max_steps=2"), nproc=1)
+    script = ("import sys; from meme_scale.config import load_config; from meme_scale.loop import run; "
+              "run(load_config('configs/quickstart.yaml', sys.argv[2:]), resume='auto', "
+              "optim_from_config=sys.argv[1] == 'yes')")  # fmt: skip
+    lrs = {}
+    for flag in ("yes", "no"):
+        run_dir = tmp_path / flag
+        shutil.copytree(base, run_dir)
+        args = train_args(quickstart_shards, run_dir, "train.max_steps=4", "optim.lr=0.0125")[2:]
+        proc = run_group([sys.executable, "-c", script, flag, *args], 300, cwd=ROOT,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        info = summary(run_dir)
+        lrs[flag] = MlflowClient(info["tracking_uri"]).get_metric_history(info["mlflow_run_id"], "lr")[-1].value
+    default_lr = load_config(ROOT / "configs" / "quickstart.yaml").optim.lr
+    assert lrs == {"yes": 0.0125, "no": default_lr} and default_lr != 0.0125

@@ -21,7 +21,10 @@ from mlflow.tracking import MlflowClient
 
 from conftest import BIN, ROOT
 from meme_scale.config import Config, load_config
-from meme_scale.tune import SweepError, TrialRecord, _override_list, load_sweep, main, run_sweep, validate
+from meme_scale.tune import SweepError, load_sweep, main, run_sweep, validate
+from meme_scale.tune.record import TrialRecord
+from meme_scale.tune.sweep import override_list
+from meme_scale.tune.trial import restore_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -220,6 +223,10 @@ def test_two_rank_trial_runs_through_ray_train(ray_address, quickstart_shards, t
     child = MlflowClient(summary["tracking_uri"]).get_run(row["mlflow_run_id"])
     assert child.info.status == "FINISHED" and child.data.tags["world_size"] == "2"
     assert child.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+    # rank 0 reported each complete checkpoint to Ray: a copy a retried trial can resume from
+    saved = sorted((sweep.exp_dir / "train" / row["trial_id"]).glob("checkpoint_*/meme_scale.json"))
+    assert saved and {json.loads(p.read_text())["tag"] for p in saved} >= {"step_00000004"}
+    assert all((p.parent / "rank_00001.pt").is_file() for p in saved)  # every rank's part, not just rank 0's
 
 
 # -- bad input, before any trial ---------------------------------------------------------------------
@@ -286,22 +293,37 @@ def test_shipped_sweeps_cover_the_paper_grid():
         assert sweep.search_space["data.observed_fraction"] == {"grid": [1.0, 0.5, 0.25, 0.125]}
         assert "optim.lr" in sweep.search_space
         assert sweep.metric == "eval/cross_coherence" and sweep.mode == "max"
-        load_config(sweep.base, _override_list(sweep.overrides))
+        load_config(sweep.base, override_list(sweep.overrides))
+
+
+# -- a real PBT sweep: the weak trial takes the strong one's checkpoint and a new learning rate -------
+def test_pbt_exploits_the_better_trial_and_its_new_learning_rate_is_used(ray_address, quickstart_shards, tmp_path):
+    path = write_sweep(tmp_path / "pbt.yaml", quickstart_shards, search_space={"optim.lr": [0.003, 0.000001]},
+                       metric="eval/loss", mode="min", max_concurrent_trials=2,
+                       scheduler={"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                                  "resample_probability": 1.0,
+                                  "hyperparam_mutations": {"optim.lr": {"loguniform": [0.001, 0.002]}}},
+                       overrides={"train.max_steps": 8})  # fmt: skip
+    sweep = load_sweep(path)
+    summary = run_sweep(sweep)
+    rows = {r["trial_id"]: r for r in summary["rows"]}
+    assert all(r["status"] == "completed" for r in rows.values()), rows
+    records = {t: TrialRecord.load(sweep.runs_dir / t) for t in rows}
+    exploited = [t for t, rec in records.items() if rec.exploits]
+    assert exploited, "PBT never exploited: the 1e-6 trial should have taken the 3e-3 trial's checkpoint"
+    client = MlflowClient(summary["tracking_uri"])
+    for t in exploited:
+        rec = records[t]
+        child = client.get_run(rec.mlflow_run_id)  # still this trial's own child run
+        assert child.data.tags["meme_scale.trial_id"] == t and "tune.exploited_from" in child.data.tags
+        # after the exploit the trial trains with the mutated lr, not the one in the donor's optimizer state
+        lrs = [m.value for m in client.get_metric_history(rec.mlflow_run_id, "lr")]
+        assert any(0.001 <= lr <= 0.002 for lr in lrs), lrs
 
 
 # -- PBT's exploit: another trial's checkpoint becomes this trial's, under this trial's MLflow run ----
-class _FakeCheckpoint:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def as_directory(self):
-        import contextlib
-
-        return contextlib.nullcontext(str(self.path))
-
-
 def test_exploit_copies_the_donor_checkpoint_and_keeps_the_trials_run(tmp_path):
-    from meme_scale import tune
+    from ray.tune import Checkpoint
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"run.dir={tmp_path / 'b'}", "optim.lr=0.002"])
     donor = tmp_path / "ray" / "checkpoint_000003"
@@ -313,7 +335,7 @@ def test_exploit_copies_the_donor_checkpoint_and_keeps_the_trials_run(tmp_path):
     own.mkdir(parents=True)
     (own / "meme_scale.json").write_text(json.dumps({"tag": "step_00000008"}))
     record = TrialRecord(tmp_path / "b" / "tune_trial.json", "b", mlflow_run_id="run-of-B", attempts=3)
-    tune._restore_checkpoint(_FakeCheckpoint(donor), tmp_path / "b", cfg, record)
+    restore_checkpoint(Checkpoint.from_directory(str(donor)), tmp_path / "b", cfg, record)
     tags = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert tags == ["step_00000006"]  # B's own later checkpoint must not win over the exploit
     meta = json.loads((tmp_path / "b" / "checkpoints" / "step_00000006" / "meme_scale.json").read_text())
@@ -325,27 +347,10 @@ def test_exploit_copies_the_donor_checkpoint_and_keeps_the_trials_run(tmp_path):
     newer = tmp_path / "a" / "checkpoints" / "step_00000010"
     newer.mkdir(parents=True)
     (newer / "meme_scale.json").write_text("{}")
-    tune._restore_checkpoint(_FakeCheckpoint(donor), tmp_path / "a", cfg, record)
+    restore_checkpoint(Checkpoint.from_directory(str(donor)), tmp_path / "a", cfg, record)
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step_00000010"]
     shutil.rmtree(newer)  # its run dir lost (another node, no shared filesystem): Ray's copy comes back
-    tune._restore_checkpoint(_FakeCheckpoint(donor), tmp_path / "a", cfg, record)
+    restore_checkpoint(Checkpoint.from_directory(str(donor)), tmp_path / "a", cfg, record)
     restored = tmp_path / "a" / "checkpoints" / "step_00000006"
     assert (restored / "mp_rank_00_model_states.pt").read_bytes() == b"weights of A"
     assert json.loads((restored / "meme_scale.json").read_text())["run_id"] == "run-of-A"
-
-
-def test_loaded_optimizer_takes_the_trials_learning_rate(monkeypatch):
-    """DeepSpeed restores param_groups from the checkpoint; PBT's new optim.lr must survive that."""
-    import torch
-
-    from meme_scale import checkpoint, tune
-
-    param = torch.nn.Parameter(torch.zeros(1))
-
-    class Engine:
-        optimizer = torch.optim.Adam([param], lr=0.5)
-
-    monkeypatch.setattr(checkpoint, "load", lambda engine, *a, **k: {"step": 4})
-    tune._reapply_optimizer_settings(load_config(ROOT / "configs" / "quickstart.yaml", ["optim.lr=0.0125"]))
-    assert checkpoint.load(Engine(), "dir", "tag", 0, 1) == {"step": 4}
-    assert Engine.optimizer.param_groups[0]["lr"] == 0.0125

@@ -145,22 +145,43 @@ def _complete_utf8(raw: bytes) -> int:
 
 
 def train(captions: Iterable[str], vocab_size: int = DEFAULT_VOCAB, *, model_type: str = "bpe") -> Tokenizer:
-    """Train on (normalised) captions; ``vocab_size`` is an upper bound (small corpora give fewer pieces).
+    """Train on (normalised) captions; ``vocab_size`` is an upper bound (small corpora give fewer pieces)
+    and at least ``min_vocab_size`` of the captions (a ValueError naming ``--vocab-size`` otherwise).
 
     BPE by default: on small caption sets (a custom dataset, test fixtures) sentencepiece's unigram
     model keeps few pieces and spells most words letter by letter (a 15-word fixture caption took
     34 unigram pieces but 15 BPE pieces at the same vocabulary bound), while BPE merges whole
     frequent words first. Deterministic for the same captions in the same order (one thread).
     """
-    if vocab_size < 64:
-        raise ValueError(f"vocab_size must be at least 64, got {vocab_size}")
     texts = [t for t in (normalise(c) for c in captions) if t]
     if not texts:
         raise ValueError("no non-empty captions to train the tokenizer on")
+    _check_vocab_size(int(vocab_size), texts)
     buf = io.BytesIO()
-    _spm().SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buf, vocab_size=int(vocab_size), hard_vocab_limit=False,
-        model_type=model_type, byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, num_threads=1, minloglevel=2,
-        input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 14)
+    try:
+        _spm().SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, vocab_size=int(vocab_size), hard_vocab_limit=False,
+            model_type=model_type, byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+            pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=-1, num_threads=1, minloglevel=2,
+            input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 14)
+    except RuntimeError as e:  # a size check of sentencepiece's that _check_vocab_size did not foresee
+        if "vocab" not in str(e).lower():
+            raise
+        raise ValueError(f"--vocab-size (meta.json vocab_size) {vocab_size}: sentencepiece refused it ({e})") from None
     return Tokenizer(buf.getvalue(), source=f"<trained on {len(texts)} captions>")
+
+
+def min_vocab_size(texts: Iterable[str]) -> int:
+    """The smallest vocabulary sentencepiece accepts for these normalised texts: with byte fallback and
+    character_coverage=1.0 it must hold the 256 byte pieces, pad/unk/eos and every distinct character
+    (the space counts as one: it becomes the word-boundary piece)."""
+    return 256 + 3 + len(set("".join(texts)))
+
+
+def _check_vocab_size(vocab_size: int, texts: list[str]) -> None:
+    """Refuse a too-small vocabulary up front: sentencepiece would fail with a terse RuntimeError."""
+    need = min_vocab_size(texts)
+    if vocab_size < need:
+        raise ValueError(f"--vocab-size (meta.json vocab_size) {vocab_size} is too small for these captions: "
+                         f"it must be at least {need} (256 byte pieces + pad, unk, eos + {need - 259} distinct "
+                         "characters in the training captions)")

@@ -4,7 +4,8 @@
 
 - ``<modality>.npy`` (loaded with ``allow_pickle=False``): uint8 [N, H, W], [N, 1|3, H, W] or
   [N, H, W, 1|3] -> image; float arrays of those shapes with values in [0, 1] -> image (scaled to
-  uint8); [N, D] numbers -> vector; [N] strings (a unicode array) -> caption;
+  uint8); [N, D] numbers -> vector; [N] strings (a unicode array, or a bytes array of UTF-8 text)
+  -> caption;
 - ``<modality>.txt``: one caption per line -> caption;
 - optional ``label.npy`` (integers [N], classes 0..K-1) and ``label_names.txt`` (K lines).
 
@@ -199,9 +200,19 @@ def _order(names: list[str], requested: str | None) -> list[str]:
     return order
 
 
+def caption_text(value) -> str:
+    """One caption row as text. Rows of a bytes array (dtype 'S') are np.bytes_, whose str() is
+    "b'...'": decode them as UTF-8 instead (UnicodeDecodeError if not UTF-8; _row_problem reports it)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def _row_problem(kind: str, value) -> str | None:
     if kind == "caption":
-        return None if tok.normalise(value if isinstance(value, str) else str(value)) else "empty caption"
+        try:
+            text = caption_text(value)
+        except UnicodeDecodeError:
+            return "caption is not UTF-8"
+        return None if tok.normalise(text) else "empty caption"
     if kind == "vector" and not np.all(np.isfinite(value)):
         return "non-finite value"
     return None
@@ -263,7 +274,7 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
             raise ValueError(f"{folder}: the {s} split has no usable row")
     for m in order:
         if specs[m]["kind"] == "caption":
-            train_caps = [str(data["train"][m][i]) for i in keep["train"]]
+            train_caps = [caption_text(data["train"][m][i]) for i in keep["train"]]
             specs[m] = {"kind": "caption", "shape": [caption_length], "tokenizer": tok.train(train_caps, vocab_size)}
     source = {"kind": NAME, "from": "arrays", "folder": os.path.abspath(folder), "split": split_note, "seed": seed,
               "files": {s: {m: os.path.relpath(p, folder) for m, p in v[1].items()} for s, v in loaded.items()}}
@@ -281,7 +292,7 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
 def _array_samples(order: list[str], data: dict[str, np.ndarray], labels: np.ndarray | None,
                    rows: np.ndarray) -> Iterator[dict]:
     for i in rows:
-        sample = {m: (str(data[m][i]) if data[m].dtype.kind in "USO" else data[m][i]) for m in order}
+        sample = {m: (caption_text(data[m][i]) if data[m].dtype.kind in "USO" else data[m][i]) for m in order}
         sample["label"] = None if labels is None else int(labels[i])
         yield sample
 
