@@ -4,8 +4,17 @@
 #   cluster/local_slurm.sh start DIR     munged + slurmctld + slurmd with state under DIR
 #   cluster/local_slurm.sh stop DIR
 set -euo pipefail
+# start and stop refuse to touch a Slurm that is not this script's own (a real cluster node's):
+# start would overwrite its slurm.conf, stop would kill its daemons.
 cmd=${1:?install|start|stop}
 dir=${2:-/tmp/meme_scale_slurm}
+conf=/etc/slurm/slurm.conf
+ours() { [ ! -e "$conf" ] || grep -qx 'ClusterName=meme_scale_local' "$conf"; }
+refuse() {
+  echo "$0: $conf belongs to another Slurm (not ClusterName=meme_scale_local): refusing to $1 it." >&2
+  echo "This script is only for a machine without a real Slurm (tests, CI)." >&2
+  exit 3
+}
 
 case "$cmd" in
 install)
@@ -15,6 +24,11 @@ install)
   fi
   ;;
 start)
+  ours || refuse "overwrite"
+  if [ ! -e "$conf" ] && pgrep -x 'slurmctld|slurmd' >/dev/null; then
+    echo "$0: slurmctld/slurmd run without $conf (another Slurm): refusing to start a second one." >&2
+    exit 3
+  fi
   mkdir -p "$dir"/{spool,state,log} /run/munge /var/lib/munge /var/log/munge /etc/munge /etc/slurm
   [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
   chown -R munge:munge /run/munge /var/lib/munge /var/log/munge /etc/munge
@@ -24,7 +38,7 @@ start)
   pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
   cpus=$(nproc)
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
-  cat > /etc/slurm/slurm.conf <<CONF
+  cat > "$conf" <<CONF
 ClusterName=meme_scale_local
 SlurmctldHost=localhost
 SlurmUser=root
@@ -56,6 +70,7 @@ CONF
   exit 1
   ;;
 stop)
+  ours || refuse "stop"
   pkill -x slurmd || true
   pkill -x slurmctld || true
   ;;

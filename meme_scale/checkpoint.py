@@ -87,8 +87,8 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank: int, keep: int) ->
     target = ckpt_dir / tag
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if target.exists():  # leftovers of a save that was killed before it completed
-            shutil.rmtree(target)
+        if target.exists():  # leftovers of a killed save, or a complete tag this run is about to rewrite
+            remove_tag_dir(target)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rng_state(), target / f"rank_{rank:05d}.pt")
@@ -105,10 +105,35 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
     complete = complete_tags(ckpt_dir)
     newest = complete[-1]
     for tag in complete[:-keep]:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        remove_tag_dir(ckpt_dir / tag, ignore_errors=True)
     for p in ckpt_dir.iterdir():  # incomplete saves older than the newest complete one are dead
         if p.name.startswith("step_") and p.name < newest and not (p / MARKER).exists():
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tag_dir(p, ignore_errors=True)
+
+
+def remove_tag_dir(path: Path, ignore_errors: bool = False) -> None:
+    """Deletes a checkpoint directory so that it stops counting as complete before anything else goes.
+
+    ``shutil.rmtree`` removes files in directory order, so a kill or an error midway could leave
+    ``meme_scale.json`` behind with the model files gone: a tag ``--resume auto`` would pick and could
+    not load. The marker goes first, and its removal is made durable (fsync of the directory) before
+    the rest, so any interruption leaves an incomplete directory, which ``_prune`` and ``save`` clear.
+    """
+    try:
+        (path / MARKER).unlink(missing_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:  # the directory itself is gone already
+        return
+    except OSError:
+        if not ignore_errors:
+            raise
+        if (path / MARKER).exists():
+            return  # the marker could not be removed: keep the whole checkpoint rather than half of it
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
@@ -137,6 +162,19 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
             "" if engine.zero_optimization_stage() == 0 else "; ZeRO optimizer moments were re-initialised",
         )  # fmt: skip
     return meta
+
+
+def apply_optim_settings(optimizer, optim) -> None:
+    """Sets lr, betas and weight decay of every param group from ``optim`` (an OptimConfig).
+
+    A checkpoint restores the saved values with the moments; a sweep's scheduler (PBT) that changed
+    ``optim.*`` between a trial's segments needs the new ones to win.
+    """
+    for group in optimizer.param_groups:  # DeepSpeed's ZeRO/bf16 wrappers expose the inner groups
+        group["lr"] = optim.lr
+        group["weight_decay"] = optim.weight_decay
+        if "betas" in group:
+            group["betas"] = tuple(optim.betas)
 
 
 def _load_weights_only(engine, state: dict[str, torch.Tensor]) -> None:

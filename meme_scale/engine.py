@@ -5,6 +5,7 @@ Knows nothing of MEME: it takes an ``nn.Module`` whose ``forward(batch)`` return
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
@@ -78,8 +79,12 @@ def init_distributed() -> DistInfo:
     _launcher_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # Under srun --gpus-per-task/--gpu-bind (or any per-task CUDA_VISIBLE_DEVICES) each task sees
+        # only its own GPU(s), so LOCAL_RANK can exceed the visible count; with every GPU visible the
+        # modulo is LOCAL_RANK itself.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
@@ -96,7 +101,10 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
     import deepspeed
 
     _without_shm_allreduce()  # a process group made by someone else (Ray Train) still gets a DeepSpeed backend here
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    args = None
+    if torch.cuda.is_available():  # DeepSpeed would set_device(LOCAL_RANK) itself: wrong when a task sees one GPU
+        args = argparse.Namespace(device_rank=torch.cuda.current_device())
+    engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds_config)
     return engine
 
 

@@ -123,7 +123,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     evaluator = Evaluator(engine.module, cfg, info.rank, info.world_size, info.device, dtype)
     window = _Window(info.device)
     consecutive_nan = 0
-    stopped_by = None
+    stopped_by, requeue = None, False
     t_start, samples_at_start = time.perf_counter(), state.samples
     checkpoint.set_rng_state(start_rng)
     try:
@@ -137,7 +137,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 loss, terms = engine(batch)
                 state.epoch, state.batch = _position_after(train_data, epoch, index)
                 state.samples += batch["observed"].shape[0]
-                flags = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop.is_set)]))
+                flags = all_reduce_sum(torch.tensor([float(not torch.isfinite(loss)), float(stop.is_set),
+                                                     *stop.received_flags()]))  # fmt: skip
                 if flags[0] > 0:  # every rank skips together, so collectives stay matched
                     state.nan_skipped += 1
                     consecutive_nan += 1
@@ -158,6 +159,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 micro += 1
                 if flags[1] > 0:
                     stopped_by = "signal"
+                    requeue = bool(flags[2] > 0) and bool(flags[3] == 0)  # any rank warned (USR1) and none was cancelled (TERM)
             state.step += 1
             window.time = time.perf_counter() - window.t0
 
@@ -207,7 +209,10 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
         log.info("done: step %d; checkpoint %s; mlflow run %s at %s; pictures %s; summary %s", state.step,
                  summary["checkpoint"], state.run_id, tracker.tracking_uri, run_dir / "pictures", run_dir / "summary.json")  # fmt: skip
         if stopped_by:  # last: Slurm stops this job as soon as the requeue goes through
-            requeue_slurm_job()
+            if requeue:  # only for Slurm's USR1 warning: a user's scancel (TERM) must not requeue
+                requeue_slurm_job()
+            else:
+                log.info("stopped by SIGTERM (scancel or shutdown): not requeueing")
     return summary
 
 

@@ -11,25 +11,49 @@ log = logging.getLogger(__name__)
 
 
 class StopFlag:
-    """Set by SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (preemption, scancel)."""
+    """Set by SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (scancel, preemption, shutdown).
+
+    Both stop the run with a checkpoint; only SIGUSR1 asks for a requeue (``wants_requeue``): a
+    SIGTERM is also what a user's plain ``scancel`` sends, and a cancelled job must stay cancelled
+    (a preemption under PreemptMode=REQUEUE is requeued by Slurm itself).
+    """
 
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.signum: int | None = None
+        self.signum: int | None = None  # the last signal received
+        self.received: set[int] = set()
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        self.signum = signum  # nothing else is safe in a handler that can interrupt a collective
+        # nothing else is safe in a handler that can interrupt a collective
+        self.signum = signum
+        self.received.add(signum)
 
     @property
     def is_set(self) -> bool:
         return self.signum is not None
 
+    def received_flags(self) -> tuple[float, float]:
+        """(SIGUSR1 seen, SIGTERM seen) as floats, for the all-reduce that lets every rank agree."""
+        return float(signal.SIGUSR1 in self.received), float(signal.SIGTERM in self.received)
 
-def requeue_slurm_job() -> bool:
-    """Asks Slurm to requeue this job (rank 0 only); True when a requeue was requested."""
+    @property
+    def wants_requeue(self) -> bool:
+        """SIGUSR1 (the time-limit warning) and no SIGTERM: a scancel, even after the warning, wins."""
+        return signal.SIGUSR1 in self.received and signal.SIGTERM not in self.received
+
+
+def requeue_slurm_job(stop: StopFlag | None = None) -> bool:
+    """Asks Slurm to requeue this job (rank 0 only); True when a requeue was requested.
+
+    With ``stop``, only when that flag wants a requeue (SIGUSR1), so a scancel'd job is not requeued.
+    """
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
+        return False
+    if stop is not None and not stop.wants_requeue:
+        log.info("stopped by %s: not requeueing Slurm job %s",
+                 signal.Signals(stop.signum).name if stop.signum else "the other ranks' signal", job)  # fmt: skip
         return False
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode != 0:

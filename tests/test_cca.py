@@ -150,6 +150,12 @@ def test_cub_evaluation_reports_cca_coherence_on_any_world_size(cub_run, tmp_pat
     logged = json.loads((run_dir / "summary.json").read_text())["final"]
     keys = ["eval/cca_image_to_caption", "eval/cca_caption_to_image", "eval/cca_joint", "eval/cca_data"]
     assert set(keys) <= set(logged)
+    # what a sweep may name as its metric is exactly what evaluation reported
+    from meme_scale.config import load_config
+    from meme_scale.tune.plan import reported_metrics
+
+    report = json.loads((run_dir / "eval_report.json").read_text())
+    assert set(report) == reported_metrics(load_config(ROOT / "configs" / "cub.yaml", _small(data)))
     one = _eval([sys.executable], data, run_dir / "final" / "model.pt", tmp_path / "one.json")
     two = _eval([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], data,
                 run_dir / "checkpoints", tmp_path / "two.json")  # fmt: skip

@@ -59,6 +59,11 @@ def test_two_ranks_equal_one_rank_and_export_equals_checkpoint(trained, tmp_path
 
     # the numbers logged during training at the last step are the checkpoint's numbers
     during = json.loads((run_dir / "eval_report.json").read_text())
+    from meme_scale.config import load_config
+    from meme_scale.tune.plan import reported_metrics
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"data.root={data}", f"eval.classifiers={classifiers}"])
+    assert set(during) == reported_metrics(cfg)  # what a sweep may name as its metric is what evaluation reports
     for key in keys:
         assert during[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
 

@@ -81,18 +81,24 @@ def validate(sweep: Sweep) -> Plan:
 
 
 def reported_metrics(cfg: Config) -> set[str]:
-    """The names training reports to Ray at each evaluation with this config."""
+    """The names training reports to Ray at each evaluation with this config.
+
+    The loss terms come from one real forward pass on two evaluation samples (evaluation sees every
+    modality, so terms of unpaired samples never appear there); the rest from ``evaluate.metric_names``.
+    """
     import torch
 
-    from ..data.shards import read_meta
-    from ..evaluate import metric_names
+    from ..data.shards import eval_batches, read_meta
+    from ..evaluate import metric_names, to_device
     from ..models import build_model, modality_specs
 
     meta = read_meta(cfg.data.root)
-    specs = modality_specs(cfg.model, meta)
-    with torch.device("meta"):  # only the names are needed: no memory, no initialisation cost
-        model = build_model(cfg.model, specs)
-    names = {"step", "eval/loss", *(f"eval/{t}" for t in model.term_names)}
+    model = build_model(cfg.model, modality_specs(cfg.model, meta)).eval()
+    batch = next(iter(eval_batches(cfg.data.root, cfg.data.eval_split, 2, modalities=list(model.names), rank=0,
+                                   world_size=1)))  # fmt: skip
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        _, terms = model.loss(to_device(batch, torch.device("cpu")))
+    names = {"step", "eval/loss", *(f"eval/{k}" for k, (_, count) in terms.items() if count > 0)}
     return names | metric_names(cfg, meta, {m: model.specs[m].kind for m in model.names})
 
 
