@@ -159,7 +159,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 micro += 1
                 if flags[1] > 0:
                     stopped_by = "signal"
-                    requeue = bool(flags[2] > 0) and bool(flags[3] == 0)  # any rank warned (USR1) and none was cancelled (TERM)
+                    requeue = bool(flags[2] > 0) and bool(flags[3] == 0)  # a USR1 warning, no scancel (TERM)
             state.step += 1
             window.time = time.perf_counter() - window.t0
 

@@ -137,3 +137,57 @@ def test_auto_network_choice():
     assert auto_network("caption", (32,)) == "caption_cnn"
     with pytest.raises(ValueError, match="unknown network"):
         build_networks(ModalitySpec("m", "image", (1, 8, 8), "nope"), 4)
+
+
+def test_loss_sends_the_k_plus_1_samples_through_each_decoder_in_one_pass():
+    """A paired batch: each decoder runs once on its own main sample [B, L] and once, batched, on the
+    other direction's K + 1 samples [K+1, B, L] -- not K + 1 separate calls."""
+    model = _model(k=5)
+    seen = {name: [] for name in model.names}
+    for name in model.names:
+        model.decoders[name].register_forward_hook(lambda m, inp, out, n=name: seen[n].append(tuple(inp[0].shape)))
+    model.loss(_batch(4))
+    assert {n: sorted(s, key=len) for n, s in seen.items()} == {n: [(4, 8), (6, 4, 8)] for n in model.names}
+
+
+class _Probe(torch.nn.Module):
+    """A stand-in encoder: mu = 10 * (first L pixels) + offset, sigma fixed, so the prior's components are known."""
+
+    def __init__(self, offset, sigma):
+        super().__init__()
+        self.offset, self.sigma = offset, sigma
+
+    def forward(self, x):
+        mu = 10.0 * x.flatten(1)[:, :8] + self.offset
+        return mu, torch.full_like(mu, self.sigma)
+
+
+def test_sample_prior_draws_from_the_pseudo_sample_mixture():
+    """Components far apart (one-hot pseudo-samples, modalities offset): every joint sample lies within
+    noise of one encoded pseudo-sample of either modality, all 2N components uniformly often, with the
+    encoders' sigma as spread, and both modalities are decoded from the same z."""
+    n_pseudo, sigma, draws = 4, 0.05, 4000
+    model = MEME(QUICKSTART, latent_dim=8, pseudo_samples=n_pseudo)
+    centres = []
+    for name, offset in zip(model.names, (0.0, -10.0)):
+        model.encoders[name] = _Probe(offset, sigma)
+        model.decoders[name] = torch.nn.Identity()  # decode(z) = z, so sample_prior shows its latents
+        raw = torch.full_like(model.pseudo[name], -30.0).flatten(1)
+        raw[torch.arange(n_pseudo), torch.arange(n_pseudo)] = 30.0  # sigmoid -> one-hot e_i in the first pixels
+        with torch.no_grad():
+            model.pseudo[name].copy_(raw.view_as(model.pseudo[name]))
+        centres.append(10.0 * torch.eye(n_pseudo, 8) + offset)
+    centres = torch.cat(centres)  # [2N, L], pairwise >= 10 apart
+    torch.manual_seed(0)
+    with torch.no_grad():
+        joint = model.sample_prior(draws)
+    z = joint["mnist"]
+    assert z.shape == (draws, 8)
+    torch.testing.assert_close(joint["digits"], z)  # one z per joint sample, decoded into both modalities
+    nearest = torch.cdist(z, centres).argmin(1)
+    residual = z - centres[nearest]
+    assert residual.norm(dim=1).max() < 10 * sigma  # each draw sits on one component
+    assert abs(residual.std().item() / sigma - 1) < 0.05  # with the component's sigma (not the mean alone)
+    counts = torch.bincount(nearest, minlength=2 * n_pseudo).double()
+    expected = draws / (2 * n_pseudo)  # 500 each; binomial sd ~ 21
+    assert ((counts - expected).abs() < 5 * (expected * (1 - 1 / (2 * n_pseudo))) ** 0.5).all(), counts

@@ -188,3 +188,56 @@ def test_pseudo_sample_bound_matches_reference_and_trains_the_pseudo_samples(net
     torch.testing.assert_close(got, expected)
     g_pseudo, *g_ey = _grads(got, [pseudo, *nets["ey"].parameters()])
     assert g_pseudo.abs().sum() > 0 and all(g.abs().sum() > 0 for g in g_ey)
+
+
+def _replayed_reference(n, k, alpha, seed):
+    """J_x|y built by hand from the very noise the bound draws: one ``torch.randn([K+1, B, L])`` of
+    ``reparameterise`` (float64 here), z_0 for log p(x|z), log q(y|z) and w, all K + 1 in q^."""
+    mu_x, sigma_x = n["ex"](n["x"])
+    mu_y, sigma_y = n["ey"](n["y"])
+    torch.manual_seed(seed)
+    eps = torch.randn(k + 1, B, L, dtype=torch.float64)
+    zs = [mu_x + sigma_x * eps[i] for i in range(k + 1)]
+    log_py = torch.stack([D.Laplace(n["dy"](z), 1.0).log_prob(n["y"]).sum(-1) for z in zs])  # [K+1, B]
+    log_qhat = torch.logsumexp(log_py, 0) - math.log(k + 1)
+    w = torch.exp(log_py[0] - log_qhat)
+    log_px = D.Laplace(n["dx"](zs[0]), 1.0).log_prob(n["x"]).sum(-1)
+    kl = D.kl_divergence(D.Normal(mu_x, sigma_x), D.Normal(mu_y, sigma_y)).sum(-1)
+    terms = {"log_px": log_px, "log_py": log_py[0], "kl": kl, "log_qhat": log_qhat, "w": w}
+    return w * (log_px - log_py[0] - kl) + alpha * log_qhat, terms
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 10])
+def test_bound_equals_a_hand_reference_on_the_same_noise(nets, k):
+    """Exact, unlike the Monte-Carlo test: which sample feeds log p(x|z) and how many enter q^ show."""
+    with torch.no_grad():
+        torch.manual_seed(11)
+        got, parts = bound(nets, k=k, alpha=3.0, return_terms=True)
+        expected, ref = _replayed_reference(nets, k, 3.0, seed=11)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    for name, value in ref.items():
+        torch.testing.assert_close(parts[name], value, rtol=1e-9, atol=1e-9, msg=name)
+    assert (parts["w"] - 1).abs().max() > 1e-3 or k == 0  # w is not trivially 1 (the test sees q^)
+
+
+def test_bound_with_k_0_has_qhat_equal_to_the_main_likelihood(nets):
+    """K = 0: q^ is p(y|z_0) alone, so w = 1 and J = log p(x|z_0) - KL + (alpha - 1) log p(y|z_0)."""
+    torch.manual_seed(5)
+    got, parts = bound(nets, k=0, alpha=3.0, return_terms=True)
+    torch.testing.assert_close(parts["log_qhat"], parts["log_py"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(parts["w"], torch.ones(B), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, parts["log_px"] - parts["kl"] + 2.0 * parts["log_py"], rtol=1e-12, atol=1e-10)
+
+
+def test_cross_term_is_one_batched_decoder_pass(nets):
+    """decode_y sees the K + 1 samples once, as [K+1, B, L]; decode_x sees the main sample once, [B, L]."""
+    calls = {"dx": [], "dy": []}
+
+    def counted(name):
+        return lambda z: calls[name].append(tuple(z.shape)) or nets[name](z)
+
+    k = 6
+    obj.mutual_supervision_bound(nets["x"], nets["y"], nets["ex"], counted("dx"), nets["ey"], counted("dy"),
+                                 laplace_lik, laplace_lik, k=k)  # fmt: skip
+    assert calls == {"dx": [(B, L)], "dy": [(k + 1, B, L)]}

@@ -47,7 +47,7 @@ def _loss(model, batch) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", ["mnist_svhn", "cub"])  # the shapes with convolutions
 def test_channels_last_changes_neither_loss_nor_gradients(shape):
     cfg, model, batch = _model_and_batch(shape, "train.channels_last=false")
     reference = _loss(model, batch)
@@ -79,7 +79,7 @@ def test_compiled_networks_give_the_eager_loss():
     assert _loss(model, batch).item() == pytest.approx(reference, rel=FP32_TOL)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", ["mnist_svhn", "cub"])  # the shapes with convolutions
 def test_bf16_loss_agrees_within_its_tolerance(shape):
     _, model, batch = _model_and_batch(shape)
     reference = _loss(model, batch).item()

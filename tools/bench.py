@@ -1,6 +1,6 @@
 """All of meme_scale's performance measurements in one place (docs/benchmarks.md); prints JSON.
 
-    python tools/bench.py [--sections step,flops,data,scaling] [--shapes mnist_svhn,cub] [--batch 128]
+    python tools/bench.py [--sections step,flops,data,scaling,objective] [--shapes mnist_svhn,cub] [--batch 128]
                           [--repeats 5] [--steps 3] [--out bench.json] [--markdown bench.md]
 
 step     samples/s of one training step (forward + backward + optimizer) of MEME at the shipped
@@ -11,10 +11,14 @@ step     samples/s of one training step (forward + backward + optimizer) of MEME
          [min, max] over the repeats.
 flops    the model's FLOPs per sample (torch.utils.flop_counter, forward + backward) times each
          path's samples/s, against this machine's measured fp32 and bf16 matmul FLOP/s.
-data     the reader's samples/s (TrainStream on synthetic MNIST-SVHN shards, observed fraction
-         0.5) with 0, 1 and 2 workers, against the fastest step's consumption.
+data     per image shape: the reader's samples/s (TrainStream on synthetic shards of that shape,
+         observed fraction 0.5) with 0, 1 and 2 workers, against that shape's step (plain and shipped);
+         the reader must outpace the step 10x so the model never waits (captions: tools/bench_data.py).
 scaling  real training runs under torchrun with 1 and 2 CPU ranks (gloo) at one global batch,
          and the all-reduce share of a 2-rank step (the gradient all-reduce timed alone).
+objective  ms per sample of forward + backward of ``MEME.loss`` alone (eager fp32, no optimizer) at
+         MNIST-SVHN shapes on an all-paired batch, with the config's K and with K = 0 on the same
+         model and batch; cross_term_share = 1 - t(K=0) / t(K), also per repeat (back-to-back pairs).
 
 The converters' own throughput is tools/bench_data.py.
 """
@@ -46,6 +50,8 @@ from meme_scale.engine import free_port  # noqa: E402
 from meme_scale.models import build_model, modality_specs  # noqa: E402
 
 SHAPES = {
+    "quickstart": ("configs/quickstart.yaml", {"mnist": {"kind": "image", "shape": [1, 28, 28]},
+                                               "digits": {"kind": "image", "shape": [1, 8, 8]}}),
     "mnist_svhn": ("configs/mnist_svhn.yaml", {"mnist": {"kind": "image", "shape": [1, 28, 28]},
                                                "svhn": {"kind": "image", "shape": [3, 32, 32]}}),
     "cub": ("configs/cub.yaml", {"image": {"kind": "image", "shape": [3, 64, 64]},
@@ -166,28 +172,61 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / min(times)
 
 
+# -- objective ----------------------------------------------------------------------------------
+def bench_objective(batch_size: int, repeats: int, steps: int) -> dict:
+    """The K-sample cross term's share of MEME.loss: one model, the config's K against K = 0, interleaved."""
+    config, meta = SHAPES["mnist_svhn"]
+    cfg = load_config(ROOT / config, [f"train.micro_batch_size={batch_size}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, modality_specs(cfg.model, {"modalities": meta}))
+    batch = synthetic_batch(meta, batch_size)  # all paired: the cross term runs for every sample
+    ks = {f"k_{model.k}": model.k, "k_0": 0}
+
+    def fwd_bwd(k: int) -> None:
+        model.k = k
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.loss(batch)
+        loss.backward()
+
+    for k in ks.values():  # warm-up
+        fwd_bwd(k)
+        fwd_bwd(k)
+    ms: dict[str, list[float]] = {name: [] for name in ks}
+    for _ in range(repeats):
+        for name, k in ks.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fwd_bwd(k)
+            ms[name].append(1e3 * (time.perf_counter() - t0) / (steps * batch_size))
+    t_k, t_0 = (statistics.median(ms[name]) for name in ks)
+    shares = [1 - b / a for a, b in zip(*ms.values())]  # per repeat: the two timings ran back to back
+    return {"batch": batch_size, "k": cfg.model.k, "ms_per_sample": {name: _spread(v) for name, v in ms.items()},
+            "cross_term_share": 1 - t_0 / t_k, "cross_term_share_per_repeat": _spread(shares)}  # fmt: skip
+
+
 # -- data and scaling ---------------------------------------------------------------------------
-def synthetic_mnist_svhn(out: Path, n_train: int = 4096, n_test: int = 256) -> Path:
+def synthetic_shards(shape: str, out: Path, n_train: int = 4096, n_test: int = 256) -> Path:
+    """Random uint8 images in the shape's modalities, written by the project's own ShardWriter."""
     from meme_scale.data.writer import ShardWriter
 
     rng = np.random.default_rng(0)
+    meta = SHAPES[shape][1]
 
     def samples(n):
         for _ in range(n):
-            yield {"mnist": rng.integers(0, 256, (1, 28, 28), dtype=np.uint8),
-                   "svhn": rng.integers(0, 256, (3, 32, 32), dtype=np.uint8), "label": int(rng.integers(10))}  # fmt: skip
+            yield {**{m: rng.integers(0, 256, spec["shape"], dtype=np.uint8) for m, spec in meta.items()},
+                   "label": int(rng.integers(10))}  # fmt: skip
 
-    with ShardWriter(str(out), "synthetic", SHAPES["mnist_svhn"][1], [str(i) for i in range(10)],
-                     samples_per_shard=512) as w:  # fmt: skip
+    with ShardWriter(str(out), "synthetic", meta, [str(i) for i in range(10)], samples_per_shard=512) as w:
         w.write_split("train", samples(n_train))
         w.write_split("test", samples(n_test))
     return out
 
 
-def reader_rate(root: Path, workers: int, batch_size: int, batches: int = 40) -> float:
+def reader_rate(root: Path, modalities: list[str], workers: int, batch_size: int, batches: int = 40) -> float:
     from meme_scale.data.shards import TrainStream
 
-    stream = TrainStream(str(root), "train", batch_size, modalities=["mnist", "svhn"], rank=0, world_size=1, seed=0,
+    stream = TrainStream(str(root), "train", batch_size, modalities=modalities, rank=0, world_size=1, seed=0,
                          observed_fraction=0.5, missing="either", num_workers=workers)  # fmt: skip
     it = iter(stream)
     next(it)  # worker start-up is not throughput
@@ -282,22 +321,29 @@ def markdown(result: dict) -> str:
         for shape, r in f["shapes"].items():
             lines.append(f"| {shape} | {r['flops_per_sample'] / 1e6:.1f} | {r['plain_fraction_of_fp32_peak']:.1%} of fp32 "
                          f"peak | {r['all_options_fraction_of_peak']:.1%} of {r['peak_dtype']} peak |")  # fmt: skip
-    if "data" in result:
-        d = result["data"]
+    for shape, d in result.get("data", {}).items():
         rates = ", ".join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in d["reader_samples_per_s"].items())
-        lines += ["", f"Reader (samples/s): {rates}; {d['reader_over_step']:.1f}x the fastest step."]
+        ratio = f"; {d['reader_over_step']:.1f}x its fastest step" if d["reader_over_step"] else ""
+        lines += ["", f"Reader, {shape} shards (samples/s): {rates}{ratio}."]
     if "scaling" in result:
         s = result["scaling"]
         lines += ["", f"Training runs (samples/s, global batch {s['global_batch']}): 1 rank {s['ranks_1']:.0f}, "
                       f"2 ranks {s['ranks_2']:.0f}; gradient all-reduce {s['allreduce']['allreduce_share']:.1%} "
                       "of a 2-rank step."]  # fmt: skip
+    if "objective" in result:
+        o = result["objective"]
+        cells = ", ".join(f"K = {name[2:]}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
+                          for name, v in o["ms_per_sample"].items())  # fmt: skip
+        lines += ["", f"MEME.loss forward + backward (ms/sample, MNIST-SVHN, batch {o['batch']}, all paired): {cells}; "
+                      f"K-sample cross term {o['cross_term_share']:.1%} of it (per repeat "
+                      f"{o['cross_term_share_per_repeat']['min']:.1%} to {o['cross_term_share_per_repeat']['max']:.1%})."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="step,flops,data,scaling")
-    parser.add_argument("--shapes", default="mnist_svhn,cub")
+    parser.add_argument("--sections", default="step,flops,data,scaling,objective")
+    parser.add_argument("--shapes", default="quickstart,mnist_svhn,cub")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
@@ -308,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sections = args.sections.split(",")
     shapes = args.shapes.split(",")
-    unknown = [s for s in sections if s not in ("step", "flops", "data", "scaling")] + \
+    unknown = [s for s in sections if s not in ("step", "flops", "data", "scaling", "objective")] + \
               [s for s in shapes if s not in SHAPES]  # fmt: skip
     if unknown:
         parser.error(f"unknown section or shape: {unknown}")
@@ -330,17 +376,22 @@ def main(argv: list[str] | None = None) -> int:
                 "flops_per_sample": fps, "peak_dtype": dtype,
                 "plain_fraction_of_fp32_peak": fps * r["samples_per_s"]["plain"]["median"] / peak["fp32"],
                 "all_options_fraction_of_peak": fps * r["samples_per_s"]["all_options"]["median"] / peak[dtype]}  # fmt: skip
+    if "objective" in sections:
+        result["objective"] = bench_objective(args.batch, args.repeats, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if "data" in sections or "scaling" in sections:
-            root = synthetic_mnist_svhn(work / "mnist_svhn")
         if "data" in sections:
-            readers = {f"workers_{w}": reader_rate(root, w, args.batch) for w in (0, 1, 2)}
-            step = max(r["samples_per_s"]["all_options"]["median"] for r in result.get("step", {}).values()) \
-                if "step" in result else None  # fmt: skip
-            result["data"] = {"reader_samples_per_s": readers, "step_samples_per_s": step,
-                              "reader_over_step": max(readers.values()) / step if step else None}  # fmt: skip
+            result["data"] = {}
+            for shape in [s for s in shapes if all(m["kind"] == "image" for m in SHAPES[s][1].values())]:
+                root = synthetic_shards(shape, work / shape)
+                names = list(SHAPES[shape][1])
+                readers = {f"workers_{w}": reader_rate(root, names, w, args.batch) for w in (0, 1, 2)}
+                steps = result.get("step", {}).get(shape, {}).get("samples_per_s", {})
+                fastest = max((v["median"] for v in steps.values()), default=None)
+                result["data"][shape] = {"reader_samples_per_s": readers, "fastest_step_samples_per_s": fastest,
+                                         "reader_over_step": max(readers.values()) / fastest if fastest else None}  # fmt: skip
         if "scaling" in sections:
+            root = synthetic_shards("mnist_svhn", work / "scaling")
             result["scaling"] = {"global_batch": args.batch,
                                  **{f"ranks_{r}": run_training(root, r, args.train_steps, args.batch, work)
                                     for r in (1, 2)},
