@@ -164,6 +164,11 @@ def test_cub_evaluation_reports_cca_coherence_on_any_world_size(cub_run, tmp_pat
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
         assert one[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
     assert one["eval/cca_data"] > 0.5  # real pairs: captions name the colours the images show
+    # generated captions are decoded back to text beside the picture grid (and logged with it)
+    rows = (run_dir / "pictures" / "step_00000004.txt").read_text().splitlines()
+    labels = {line.split("\t")[0] for line in rows}
+    assert {"caption data", "caption recon", "image->caption", "prior caption"} <= labels
+    assert all(len(line.split("\t")) == 3 for line in rows) and any(line.split("\t")[2].strip() for line in rows)
 
     (data / "word_vectors.txt").rename(data / "elsewhere.txt")
     try:  # without vectors the metric is skipped, and a named file that is missing is an error

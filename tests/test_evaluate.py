@@ -47,7 +47,10 @@ def test_classifiers_are_saved_with_their_accuracy(trained):
 
 def test_two_ranks_equal_one_rank_and_export_equals_checkpoint(trained, tmp_path):
     data, run_dir, classifiers = trained
-    one = _eval([sys.executable], data, classifiers, run_dir / "final" / "model.pt", tmp_path / "one.json")
+    exported = tmp_path / "exported.pt"  # the user's command: tools/export.py CHECKPOINT OUT.pt
+    subprocess.run([sys.executable, "tools/export.py", str(run_dir / "checkpoints"), str(exported)], cwd=ROOT,
+                   check=True, capture_output=True)  # fmt: skip
+    one = _eval([sys.executable], data, classifiers, exported, tmp_path / "one.json")
     two = _eval([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], data, classifiers,
                 run_dir / "checkpoints", tmp_path / "two.json")  # fmt: skip
     assert (one["world_size"], two["world_size"]) == (1, 2)
