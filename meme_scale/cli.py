@@ -45,9 +45,11 @@ def eval_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .engine import shutdown
     from .evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(cfg, args.checkpoint, args.out)
+    shutdown()
     return 0
 
 

@@ -139,5 +139,12 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Ends the process group together: every rank waits for the others, then tears gloo/NCCL down.
+
+    A rank that simply exits while a peer still works (rank 0 exporting, writing reports) closes
+    its sockets under the peer's communication threads, which can abort the peer ("terminate
+    called without an active exception").
+    """
     if dist.is_initialized():
+        barrier()
         dist.destroy_process_group()

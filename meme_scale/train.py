@@ -31,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from meme_scale.engine import shutdown
     from meme_scale.loop import run
 
     run(cfg, resume=args.resume, config_path=args.config)
+    shutdown()
     return 0
 
 

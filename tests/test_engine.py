@@ -20,11 +20,11 @@ def _worker(rank: int, world: int, port: int, out: str, zero_stage: int, precisi
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")  # fmt: skip
     torch.set_num_threads(1)
     from meme_scale.config import deepspeed_config, load_config
-    from meme_scale.engine import build_engine, init_distributed
+    from meme_scale.engine import build_engine, init_distributed, shutdown
     from meme_scale.loop import parameter_digest
     from meme_scale.models import MEME, ModalitySpec
 
-    info = init_distributed()
+    init_distributed()
     torch.manual_seed(0)
     shape_b, net_b = ((3, 16, 16), "svhn_conv") if precision == "bf16" else ((1, 8, 8), "small_mlp")  # BatchNorm
     specs = [ModalitySpec("a", "image", (1, 8, 8), "small_mlp"), ModalitySpec("b", "image", shape_b, net_b,
@@ -58,6 +58,7 @@ def _worker(rank: int, world: int, port: int, out: str, zero_stage: int, precisi
         exact = all(torch.equal(saved[name], value) for name, value in master.items())
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"digest": parameter_digest(engine.module), "steps": engine.global_steps, "exact": exact}, f)
+    shutdown()  # rank 1 must not exit while rank 0 still consolidates
 
 
 @pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])

@@ -26,7 +26,6 @@ The converters' own throughput is tools/bench_data.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform

@@ -30,7 +30,7 @@ def run_cell(config: str, out: Path, model: str, fraction: float, seed: int, ste
         return json.loads(report.read_text())
     cmd = [sys.executable, str(ROOT / "meme_scale" / "train.py"), "--config", config, "--resume", "auto",
            f"model.name={model}", f"data.observed_fraction={fraction}", f"train.seed={seed}",
-           f"train.max_steps={steps}", f"run.dir={run_dir}", "run.progress=none", f"run.experiment=compare", *extra]  # fmt: skip
+           f"train.max_steps={steps}", f"run.dir={run_dir}", "run.progress=none", "run.experiment=compare", *extra]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     if proc.returncode != 0:

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

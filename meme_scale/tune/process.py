@@ -130,6 +130,9 @@ def trial_process(config_path: str, report_fd: int, parent_pid: int) -> int:
         if record is not None:
             log = Path(cfg.run.dir) / "train.log"
             update_run(record.tracking_uri, record.mlflow_run_id, text={"logs/train.log": tail(log, 5000)})
+        from ..engine import shutdown
+
+        shutdown()
         send({"type": "done", "summary": json.loads(json.dumps(summary, default=str))})
         return 0
     except BaseException as e:  # noqa: BLE001 - everything goes back to the trial
