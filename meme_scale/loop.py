@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint
 from .config import Config, deepspeed_config, dump_yaml, flatten
-from .data.shards import TrainStream, eval_batches, read_meta
+from .data.shards import TrainStream, eval_batches, read_meta, start_worker_server
 from .engine import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, build_engine, init_distributed
 from .evaluate import Evaluator, picture_grid, to_device
 from .models import build_model, count_parameters, modality_specs
@@ -56,6 +56,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     weight decay (PBT changes ``optim.lr`` between a trial's segments).
     """
     stop = StopFlag()  # first: a preemption warning during setup must stop the run, not kill it
+    if cfg.data.num_workers:
+        start_worker_server()  # imports in the background while the engine is set up
     info = init_distributed()
     _setup_logging(info)
     run_dir = Path(cfg.run.dir)

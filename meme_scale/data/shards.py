@@ -306,20 +306,38 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[tuple[int, int, dict]]:
         producer = _Producer(self)
+        if self.num_workers:
+            start_worker_server()
         if self.num_workers == 0:
             for epoch, j, batch in producer.produce(0, 1):
                 yield epoch, j, _to_float(batch, self.meta)
             return
         # A private generator: the DataLoader would otherwise draw its worker seed from the global torch
         # RNG, shifting the training noise of a resumed run (which creates its loader after restoring RNG).
+        # Workers come from a forkserver, not a fork of this process: by now it runs gloo, MLflow and
+        # OpenMP threads, and a fork taken while one of them holds a lock leaves the worker deadlocked
+        # (seen: a rank waiting forever on a worker stuck right after fork).
         loader = iter(torch.utils.data.DataLoader(producer, batch_size=None, num_workers=self.num_workers,
-                                                  collate_fn=_identity, generator=torch.Generator().manual_seed(0)))
+                                                  collate_fn=_identity, generator=torch.Generator().manual_seed(0),
+                                                  multiprocessing_context="forkserver"))  # fmt: skip
         try:
             for epoch, j, batch in loader:
                 yield epoch, j, _to_float(batch, self.meta)
         finally:
             # Stop workers now: left to garbage collection after a worker error, torch waits 5 s.
             getattr(loader, "_shutdown_workers", lambda: None)()
+
+
+def start_worker_server() -> None:
+    """Starts the forkserver that data workers come from (idempotent, returns at once).
+
+    It imports torch and this module in the background (~2 s on a small CPU machine): call it early
+    in a run, so that the first batch does not wait for it.
+    """
+    import multiprocessing.forkserver as forkserver
+
+    forkserver.set_forkserver_preload([__name__])
+    forkserver.ensure_running()
 
 
 def eval_batches(root: str, split: str, batch_size: int, *, modalities: list[str], rank: int,

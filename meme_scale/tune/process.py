@@ -25,13 +25,13 @@ class TrialFailed(RuntimeError):
 
 
 def run_training_process(cfg_path: Path, run_dir: Path, dist_env: dict[str, str],
-                   on_report: Callable[[dict, int, subprocess.Popen], None], final_step: int) -> dict:  # fmt: skip
+                         on_report: Callable[[dict, int, subprocess.Popen], None], final_step: int) -> dict:  # fmt: skip
     """Runs loop.run in a child process and relays its reports; kills it if this trial is stopped.
 
     The report of the final step waits until the run has finished (export, summary, MLflow status),
     so a scheduler that stops the trial on that report cannot cut the run's last writes short.
     """
-    package_root = str(Path(__file__).resolve().parent.parent)  # the child imports this very copy of meme_scale
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very copy of meme_scale
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # never requeue the sweep's job
     env.update(dist_env, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p))  # fmt: skip

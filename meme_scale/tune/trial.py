@@ -47,7 +47,7 @@ def trial_config(setup: TrialSetup, values: dict[str, Any], run_dir: Path, trial
 def run_trial(config: dict, setup: TrialSetup) -> None:
     """The Ray Tune trainable: one training run, reporting each evaluation (and its checkpoint) to Tune.
 
-    Imports neither torch nor mlflow: the training process does the work, this only talks to Ray.
+    Trains nothing itself: the training process does the work; this relays to Ray and keeps the record.
     """
     from ray import tune
 
