@@ -26,6 +26,8 @@ import itertools
 import json
 import os
 import random
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -329,15 +331,29 @@ class TrainStream:
 
 
 def start_worker_server() -> None:
-    """Starts the forkserver that data workers come from (idempotent, returns at once).
+    """Starts the forkserver that data workers come from, and multiprocessing's resource tracker.
 
-    It imports torch and this module in the background (~2 s on a small CPU machine): call it early
-    in a run, so that the first batch does not wait for it.
+    Idempotent and quick: the server imports torch and this module in the background (~2 s on a
+    small CPU machine), so call it early in a run. Both are started with SIGUSR1 and SIGTERM ignored,
+    which they and the workers keep: Slurm signals every process of a job step (USR1 before the
+    time limit, TERM on scancel), a fresh process dies of USR1, and a dead worker or tracker would
+    bring the rank down before it could checkpoint. The rank stops on those signals itself
+    (preemption.StopFlag) and shuts its workers down.
     """
     import multiprocessing.forkserver as forkserver
+    import multiprocessing.resource_tracker as resource_tracker
 
     forkserver.set_forkserver_preload([__name__])
-    forkserver.ensure_running()
+    if threading.current_thread() is not threading.main_thread():  # signal dispositions: main thread only
+        forkserver.ensure_running()
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:  # an ignored signal stays ignored across exec: the helpers inherit the disposition
+        resource_tracker.ensure_running()
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def eval_batches(root: str, split: str, batch_size: int, *, modalities: list[str], rank: int,
