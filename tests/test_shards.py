@@ -279,3 +279,39 @@ def test_pax_shards_read_like_plain_ones(fresh: str, pax_from: int) -> None:
     assert b"PaxHeader" in open(os.path.join(fresh, TRAIN0), "rb").read()
     assert [r for r in iter_shard(os.path.join(fresh, TRAIN0), 40)] == before
     assert_same(take(stream(fresh), 3), ref)
+
+
+def test_data_workers_and_their_server_end_with_a_killed_reader(root: str, tmp_path) -> None:
+    """SIGKILL a reading process: its workers (children of the forkserver, not of the reader) must go too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "reader.py"
+    script.write_text(
+        "import itertools, sys, time\n"
+        "from meme_scale.data.shards import TrainStream\n"
+        "if __name__ == '__main__':\n"
+        f"    s = TrainStream({root!r}, 'train', 16, modalities=['a', 'b'], rank=0, world_size=1, seed=0,\n"
+        "                    observed_fraction=1.0, missing='either', num_workers=2)\n"
+        "    it = iter(s); next(it)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        forkserver = [h for h in helpers if "forkserver" in " ".join(h.cmdline())]
+        assert forkserver, [h.cmdline() for h in helpers]
+        workers = [c for f in forkserver for c in f.children()]
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(workers + forkserver, timeout=15)
+        assert not alive, f"left running after the reader died: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -20,6 +20,7 @@ The tar layer itself (members, grouping by key, its errors) lives in ``tario.py`
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -28,6 +29,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -321,13 +323,43 @@ class TrainStream:
         # (seen: a rank waiting forever on a worker stuck right after fork).
         loader = iter(torch.utils.data.DataLoader(producer, batch_size=None, num_workers=self.num_workers,
                                                   collate_fn=_identity, generator=torch.Generator().manual_seed(0),
-                                                  multiprocessing_context="forkserver"))  # fmt: skip
+                                                  multiprocessing_context="forkserver",
+                                                  worker_init_fn=functools.partial(_exit_with, os.getpid())))  # fmt: skip
         try:
             for epoch, j, batch in loader:
                 yield epoch, j, _to_float(batch, self.meta)
         finally:
             # Stop workers now: left to garbage collection after a worker error, torch waits 5 s.
             getattr(loader, "_shutdown_workers", lambda: None)()
+
+
+def _exit_with(rank_pid: int, _worker_id: int) -> None:
+    """A data worker ends when its rank does, however the rank ended (SIGKILL included).
+
+    Its parent is the forkserver, not the rank, so torch's own watchdog (which watches the parent)
+    never sees the rank die; and the worker holds the forkserver's lifeline, so both would live on.
+    """
+
+    def watch() -> None:
+        while _alive(rank_pid):
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="rank-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed rank stays a zombie until its launcher reaps it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def start_worker_server() -> None:
