@@ -18,7 +18,7 @@ from .data.shards import TrainStream, eval_batches, read_meta, start_worker_serv
 from .engine import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, build_engine, init_distributed
 from .evaluate import Evaluator, picture_grid, to_device
 from .models import build_model, count_parameters, modality_specs
-from .preemption import StopFlag, requeue_slurm_job
+from .preemption import StopFlag, requeue_slurm_job, requeue_wanted
 from .progress import Progress
 from .speed import apply_speed_options
 from .tracking import open_tracker
@@ -154,18 +154,18 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                     continue
                 consecutive_nan = 0
                 engine.backward(loss)
-                if engine.is_gradient_accumulation_boundary():
+                if engine.is_gradient_accumulation_boundary() and _logs_at(state.step + 1, cfg):
                     window.grad_norm = _unreported_grad_norm(engine)
                 engine.step()
                 window.add(loss, terms, batch["observed"].shape[0])
                 micro += 1
                 if flags[1] > 0:
                     stopped_by = "signal"
-                    requeue = bool(flags[2] > 0) and bool(flags[3] == 0)  # a USR1 warning, no scancel (TERM)
+                    requeue = requeue_wanted(flags[2].item(), flags[3].item())
             state.step += 1
             window.time = time.perf_counter() - window.t0
 
-            if state.step % cfg.run.log_every == 0 or state.step == cfg.train.max_steps:
+            if _logs_at(state.step, cfg):
                 metrics = window.reduce(info) | _engine_metrics(engine, info, state, window)
                 tracker.log_metrics(metrics, state.step)
                 progress.update(state.step, metrics["samples_per_s"], metrics)
@@ -248,6 +248,10 @@ class _Window:
         metrics["samples_per_s_per_rank"] = metrics["samples_per_s"] / info.world_size
         metrics["data_wait_share"] = wait_sum / max(time_sum, 1e-9)
         return metrics
+
+
+def _logs_at(step: int, cfg: Config) -> bool:
+    return step % cfg.run.log_every == 0 or step == cfg.train.max_steps
 
 
 def _unreported_grad_norm(engine) -> torch.Tensor | None:

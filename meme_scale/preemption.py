@@ -39,8 +39,15 @@ class StopFlag:
 
     @property
     def wants_requeue(self) -> bool:
-        """SIGUSR1 (the time-limit warning) and no SIGTERM: a scancel, even after the warning, wins."""
-        return signal.SIGUSR1 in self.received and signal.SIGTERM not in self.received
+        return requeue_wanted(*self.received_flags())
+
+
+def requeue_wanted(usr1_seen: float, term_seen: float) -> bool:
+    """SIGUSR1 (the time-limit warning) and no SIGTERM: a scancel, even after the warning, wins.
+
+    Takes counts, so the loop can pass the flags all-reduced over ranks and every rank agrees.
+    """
+    return usr1_seen > 0 and term_seen == 0
 
 
 def requeue_slurm_job(stop: StopFlag | None = None) -> bool:
