@@ -69,8 +69,11 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
-    zero_stage: int = 0
+    # auto: bf16 where the device runs it natively (CUDA with bf16; a CPU whose bf16 matmul measures
+    # faster than fp32), else fp32 (meme_scale.hardware). fp16 needs a GPU.
+    precision: str = "auto"
+    zero_stage: int = 0  # bf16 runs at >= 1 (its fp32 master weights live in DeepSpeed's ZeRO optimizers)
+    threads: int = 0  # compute threads per rank; 0: OMP_NUM_THREADS if set, else cores / ranks sharing them
     max_consecutive_nan: int = 5  # non-finite losses in a row before the run stops
     # Speed options (docs/benchmarks.md measures each; both leave the loss unchanged, tested):
     channels_last: bool = True  # conv layers run on NHWC inputs
@@ -120,7 +123,7 @@ CHOICES = {
     "model.estimator": ("dreg", "iwae"),
     "model.pseudo_init": ("data", "random"),
     "data.missing": ("s", "t", "either"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2),
     "run.progress": ("auto", "bar", "lines", "none"),
 }
@@ -238,11 +241,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: key 'data.observed_fraction' must be in (0, 1], got {cfg.data.observed_fraction}")
     if cfg.model.k < 0 or cfg.model.alpha < 0:
         raise ConfigError(f"{source}: keys 'model.k' and 'model.alpha' must be >= 0")
-    if cfg.train.precision == "bf16" and cfg.train.zero_stage == 0:
-        # DeepSpeed keeps fp32 master weights for bf16 only inside its ZeRO optimizers; stage 0 would
-        # mean bf16 Adam updates, which round small steps away.
-        raise ConfigError(f"{source}: key 'train.precision' bf16 needs 'train.zero_stage' >= 1 (fp32 master weights); "
-                          "got zero_stage 0")  # fmt: skip
+    if cfg.train.threads < 0:
+        raise ConfigError(f"{source}: key 'train.threads' must be >= 0 (0: automatic), got {cfg.train.threads}")
     if len(cfg.model.modalities) not in (0, 2):
         raise ConfigError(f"{source}: key 'model.modalities' must list exactly two modalities (s, t) or none")
     for i, m in enumerate(cfg.model.modalities):
@@ -274,24 +274,32 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON, generated from the config (never kept by hand beside it)."""
+def deepspeed_config(cfg: Config, world_size: int, precision: str | None = None) -> dict:
+    """The DeepSpeed JSON, generated from the config (never kept by hand beside it).
+
+    ``precision``: what ``train.precision`` resolved to (meme_scale.hardware.resolve_precision); needed
+    when the config says auto. bf16 raises the ZeRO stage to at least 1 (fp32 master weights).
+    """
     t = cfg.train
+    precision = precision or t.precision
+    if precision == "auto":
+        raise ValueError("train.precision is auto: pass the resolved precision (hardware.resolve_precision)")
+    stage = max(t.zero_stage, 1) if precision == "bf16" else t.zero_stage
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": stage},
         "steps_per_print": 1 << 30,  # our own logging reports progress
         "wall_clock_breakdown": False,
     }
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
-    if t.precision == "bf16":
+    # always written: DeepSpeed's default when the key is absent is to clip at 1.0, not to leave gradients alone
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    if precision == "bf16":
         ds["bf16"] = {"enabled": True}
         # Buffers follow the weights: BatchNorm on CPU refuses bf16 weights beside fp32 running stats.
         ds["data_types"] = {"grad_accum_dtype": "fp32", "buffer_dtype": "bf16"}
-    elif t.precision == "fp16":
+    elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
         ds["data_types"] = {"buffer_dtype": "fp16"}
     return ds

@@ -23,6 +23,8 @@ log = logging.getLogger("meme_scale")
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype = torch.float32) -> dict:
     """Moves tensors to the device; float data takes the engine's dtype (bf16 weights need bf16 inputs)."""
     out = {}
+    if isinstance(batch.get("observed"), torch.Tensor) and "observed_host" not in batch:  # the mask stays on the host too: no device sync to read it
+        out["observed_host"] = batch["observed"]
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)

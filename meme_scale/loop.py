@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import resource
@@ -15,16 +16,16 @@ import torch
 from . import checkpoint
 from .config import Config, deepspeed_config, dump_yaml, flatten
 from .data.shards import TrainStream, eval_batches, read_meta, start_worker_server
-from .engine import DistInfo, all_gather_object, all_reduce_sum, broadcast_object, build_engine, init_distributed
+from .engine import DistInfo, adam, all_gather_object, all_reduce_sum, broadcast_object, build_engine, init_distributed
 from .evaluate import Evaluator, picture_grid, to_device
-from .models import build_model, count_parameters, modality_specs
+from .hardware import DTYPES, configure_threads, resolve_precision
+from .models import build_model, count_parameters, modality_specs, pick_pseudo_samples
 from .preemption import StopFlag, requeue_slurm_job, requeue_wanted
 from .progress import Progress
 from .speed import apply_speed_options
 from .tracking import open_tracker
 
 log = logging.getLogger("meme_scale")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,7 +63,14 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     _setup_logging(info)
     run_dir = Path(cfg.run.dir)
     ckpt_dir = run_dir / "checkpoints"
-    dtype = DTYPES[cfg.train.precision]
+    # threads first: the precision probe measures with the threads the run will have
+    hardware = configure_threads(cfg.train.threads, info.rank, all_gather_object)
+    precision = broadcast_object(resolve_precision(cfg.train.precision, info.device) if info.is_main else None)
+    hardware |= {"precision": precision.precision, "precision_reason": precision.reason}
+    dtype = DTYPES[precision.precision]
+    if info.is_main:
+        log.info("precision %s: %s; %d compute thread(s) per rank (%s)", precision.precision, precision.reason,
+                 hardware["threads"], hardware["threads_reason"])  # fmt: skip
 
     # -- setup ------------------------------------------------------------------------------
     meta = read_meta(cfg.data.root)
@@ -74,13 +82,18 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                        observed_fraction=cfg.data.observed_fraction, missing=cfg.data.missing,
                        mask_seed=cfg.data.mask_seed, num_workers=cfg.data.num_workers)  # fmt: skip
     if cfg.model.pseudo_init == "data" and hasattr(model, "init_pseudo_samples"):
-        first = next(iter(TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
-                                      **{**stream_args, "rank": 0, "world_size": 1, "num_workers": 0})))  # fmt: skip
-        model.init_pseudo_samples({**first[2], "observed": torch.ones_like(first[2]["observed"])})
+        # the same N samples on every rank: one rank's view of the first epoch, the training mask applied
+        one_rank = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
+                               **{**stream_args, "rank": 0, "world_size": 1, "num_workers": 0})  # fmt: skip
+        first_epoch = (batch for epoch, _, batch in itertools.takewhile(lambda e: e[0] == 0, one_rank))
+        try:
+            model.init_pseudo_samples(pick_pseudo_samples(first_epoch, names, cfg.model.pseudo_samples))
+        except ValueError as e:
+            raise ValueError(f"{cfg.data.root} ({cfg.data.train_split} split, data.observed_fraction="
+                             f"{cfg.data.observed_fraction}, data.missing={cfg.data.missing}): {e}") from None
     apply_speed_options(model, cfg.train)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                 weight_decay=cfg.optim.weight_decay)  # fmt: skip
-    engine = build_engine(model, optimizer, deepspeed_config(cfg, info.world_size))
+    optimizer = adam(model.parameters(), cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
+    engine = build_engine(model, optimizer, deepspeed_config(cfg, info.world_size, precision.precision))
 
     state = State()
     tag = _resume_tag(ckpt_dir, resume, info)
@@ -109,7 +122,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         if state.run_id is None:
-            tracker.log_params({**flatten(cfg), "world_size": info.world_size, "parameters": count_parameters(model)})
+            tracker.log_params({**flatten(cfg), "world_size": info.world_size, "parameters": count_parameters(model),
+                                **{f"resolved.{k}": v for k, v in hardware.items()}})  # fmt: skip
             tracker.log_artifact(run_dir / "config.yaml")
             if config_path:
                 tracker.log_artifact(config_path, "config")
@@ -182,7 +196,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
         if info.is_main:  # the run's record says why it ended; the last good checkpoint stays as it was
             tracker.finish("FAILED")
             run_dir.joinpath("summary.json").write_text(json.dumps(
-                {"status": "failed", "error": f"{type(e).__name__}: {e}", "step": state.step,
+                {"status": "failed", "error": f"{type(e).__name__}: {e}", "step": state.step, "hardware": hardware,
                  "nan_skipped": state.nan_skipped, "mlflow_run_id": state.run_id, "run_dir": str(run_dir),
                  "last_checkpoint": checkpoint.latest_tag(ckpt_dir)}, indent=2))  # fmt: skip
         raise
@@ -194,7 +208,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                "nan_skipped": state.nan_skipped, "wall_s": time.perf_counter() - t_start,  # this session's
                "mlflow_run_id": state.run_id,
                "tracking_uri": tracker.tracking_uri, "checkpoint": str(ckpt_dir / checkpoint.tag_for(state.step)),
-               "run_dir": str(run_dir), "world_size": info.world_size}  # fmt: skip
+               "run_dir": str(run_dir), "world_size": info.world_size, "hardware": hardware,
+               "precision": precision.as_record()}  # fmt: skip
     new_samples = all_reduce_sum(torch.tensor([state.samples - samples_at_start])).item()
     summary["samples_per_s"] = new_samples / max(summary["wall_s"], 1e-9)
     summary["parameter_digest_per_rank"] = all_gather_object(parameter_digest(engine.module))

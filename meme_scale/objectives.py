@@ -39,12 +39,16 @@ def laplace_log_prob(x: Tensor, loc: Tensor, scale: float | Tensor = 1.0) -> Ten
     """log Laplace(x; loc, scale) = -|x - loc| / scale - log(2 scale), summed over x's non-batch dims.
 
     ``loc`` may carry extra leading sample dimensions (``[K, B, ...]``); it is evaluated in
-    float32 so a bf16 decoder does not lose the sum over hundreds of pixels.
+    float32 so a bf16 decoder does not lose the sum over hundreds of pixels. A scalar scale is
+    applied to the per-sample sums, not to every pixel: two passes over the decoder's output fewer.
     """
     loc, x = _full(loc), _full(x)
+    dims = tuple(range(-(x.dim() - 1), 0))
+    if isinstance(scale, (int, float)):
+        n = math.prod(x.shape[1:])
+        return (x - loc).abs().sum(dims) * (-1.0 / scale) - n * math.log(2.0 * scale)
     scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
-    log_p = -(x - loc).abs() / scale - torch.log(2.0 * scale)
-    return _sum_event(log_p, x.dim() - 1)
+    return (-(x - loc).abs() / scale - torch.log(2.0 * scale)).sum(dims)
 
 
 def categorical_log_prob(tokens: Tensor, logits: Tensor, pad_id: int) -> Tensor:
@@ -52,10 +56,12 @@ def categorical_log_prob(tokens: Tensor, logits: Tensor, pad_id: int) -> Tensor:
 
     ``tokens`` is ``[B, T]`` (int64), ``logits`` is ``[..., B, T, V]``. Padding carries no
     likelihood, so captions of different lengths are compared on their real tokens only.
+    Computed as logit[token] - logsumexp(logits): the [..., T, V] log-softmax is never stored
+    (at the CUB shape it would be 11 x B x 32 x 1000 floats).
     """
-    log_probs = torch.log_softmax(_full(logits), dim=-1)
+    logits = _full(logits)
     index = tokens.expand(*logits.shape[:-1]).unsqueeze(-1)
-    picked = log_probs.gather(-1, index).squeeze(-1)
+    picked = logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     keep = (tokens != pad_id).to(picked.dtype)
     return (picked * keep).sum(-1)
 
@@ -93,6 +99,23 @@ def reparameterise(mu: Tensor, sigma: Tensor, n: int | None = None) -> Tensor:
     return mu + sigma * torch.randn(shape, dtype=mu.dtype, device=mu.device)
 
 
+def mutual_supervision_from_parts(log_px: Tensor, log_py_all: Tensor, kl: Tensor, alpha: float = 10.0
+                                  ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    """J_x|y of DESIGN 1.1 from its pieces, per sample ``[B]``, and the pieces for logging.
+
+    ``log_px`` [B]: log p(x|z_0); ``log_py_all`` [K+1, B]: log p(y|z_k) for the main sample z_0 and
+    K fresh ones, all from q(z|x); ``kl`` [B]: KL(q(z|x) || q(z|y)).
+    log q^(y|x) = logmeanexp_k log p(y|z_k)   over all K + 1 samples
+    w = exp(log p(y|z_0) - log q^(y|x))      detached: no gradient through the weight
+    J = w (log p(x|z_0) - log p(y|z_0) - KL) + alpha log q^(y|x)
+    """
+    log_py = log_py_all[0]
+    log_qhat = torch.logsumexp(log_py_all, dim=0) - math.log(log_py_all.shape[0])
+    w = torch.exp(log_py - log_qhat).detach()
+    bound = w * (log_px - log_py - kl) + alpha * log_qhat
+    return bound, {"log_px": log_px, "log_py": log_py, "kl": kl, "log_qhat": log_qhat, "w": w}
+
+
 def mutual_supervision_bound(
     x: Tensor,
     y: Tensor,
@@ -107,14 +130,10 @@ def mutual_supervision_bound(
     *,
     return_terms: bool = False,
 ):
-    """J_x|y of DESIGN 1.1: x supervised by y, per sample ``[B]``.
+    """J_x|y of DESIGN 1.1: x supervised by y, per sample ``[B]`` (the reference the model is tested against).
 
-    z_0..z_K ~ q(z|x)                     (z_0 is the main sample, z_1..z_K fresh)
-    log q^(y|x) = logmeanexp_k log p(y|z_k)   over all K + 1 samples
-    w = exp(log p(y|z_0) - log q^(y|x))      detached: no gradient through the weight
-    J = w (log p(x|z_0) - log p(y|z_0) - KL(q(z|x) || q(z|y))) + alpha log q^(y|x)
-
-    The K + 1 samples go through ``decode_y`` as one batched ``[K+1, B, L]`` pass.
+    z_0..z_K ~ q(z|x) (z_0 is the main sample, z_1..z_K fresh; one ``[K+1, B, L]`` draw) go through
+    ``decode_y`` as one batched pass; see ``mutual_supervision_from_parts`` for the formula.
     With ``return_terms`` a dict of the per-sample pieces is returned too (for logging).
     """
     mu_x, sigma_x = encode_x(x)
@@ -122,14 +141,17 @@ def mutual_supervision_bound(
     z = reparameterise(mu_x, sigma_x, n=k + 1)  # [K+1, B, L]
     log_px = log_lik_x(decode_x(z[0]), x)
     log_py_all = log_lik_y(decode_y(z), y)  # [K+1, B]
-    log_py = log_py_all[0]
-    log_qhat = torch.logsumexp(log_py_all, dim=0) - math.log(k + 1)
     kl = gaussian_kl(mu_x, sigma_x, mu_y, sigma_y)
-    w = torch.exp(log_py - log_qhat).detach()
-    bound = w * (log_px - log_py - kl) + alpha * log_qhat
-    if not return_terms:
-        return bound
-    return bound, {"log_px": log_px, "log_py": log_py, "kl": kl, "log_qhat": log_qhat, "w": w}
+    bound, terms = mutual_supervision_from_parts(log_px, log_py_all, kl, alpha)
+    return (bound, terms) if return_terms else bound
+
+
+def pseudo_sample_kl(z: Tensor, mu_x: Tensor, sigma_x: Tensor, mu_pseudo: Tensor, sigma_pseudo: Tensor) -> Tensor:
+    """The single-sample KL estimate of DESIGN 1.2: log q(z|x) - log p_lambda(z), per sample.
+
+    p_lambda(z) = 1/N sum_i N(z; mu_pseudo_i, sigma_pseudo_i)  (the encoded pseudo-samples, ``[N, L]``)
+    """
+    return gaussian_log_prob(z, mu_x, sigma_x) - mixture_log_prob(z, mu_pseudo, sigma_pseudo)
 
 
 def pseudo_sample_bound(
@@ -142,16 +164,15 @@ def pseudo_sample_bound(
     *,
     return_terms: bool = False,
 ):
-    """J_x of DESIGN 1.2 for a sample whose partner y is missing, per sample ``[B]``.
+    """J_x of DESIGN 1.2 for a sample whose partner y is missing, per sample ``[B]`` (the reference).
 
-    p_lambda(z) = 1/N sum_i N(z; e_y(lambda_i))     (mixture over the encoded pseudo-samples)
     J_x = log p(x|z) - (log q(z|x) - log p_lambda(z)),  z ~ q(z|x), one sample
     """
     mu_x, sigma_x = encode_x(x)
     z = reparameterise(mu_x, sigma_x)
     mu_l, sigma_l = encode_y(pseudo_y)
     log_px = log_lik_x(decode_x(z), x)
-    kl = gaussian_log_prob(z, mu_x, sigma_x) - mixture_log_prob(z, mu_l, sigma_l)
+    kl = pseudo_sample_kl(z, mu_x, sigma_x, mu_l, sigma_l)
     bound = log_px - kl
     if not return_terms:
         return bound

@@ -75,8 +75,10 @@ def summary(run_dir: Path) -> dict:
 
 
 def train_args(data: Path, run_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml") -> list[str]:
-    """train.py arguments for a short quickstart run (small batches so CPU tests stay quick)."""
+    """train.py arguments for a short quickstart run (small batches so CPU tests stay quick). fp32 unless a test
+    says otherwise: `auto` would pick by the CPU the tests run on (tests/test_hardware.py covers it)."""
     return ["--config", config, f"data.root={data}", f"run.dir={run_dir}", "train.micro_batch_size=32",
+            "train.precision=fp32",
             "run.log_every=2", "run.eval_every=1000", "run.eval_max_batches=2", "run.progress=lines", *overrides]  # fmt: skip
 
 

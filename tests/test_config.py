@@ -15,8 +15,11 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert len(cfg.model.modalities) in (0, 2)
-    ds = deepspeed_config(cfg, world_size=2)
-    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+    assert cfg.train.precision == "auto"  # every shipped config lets the hardware choose (meme_scale.hardware)
+    for precision in ("fp32", "bf16"):  # either resolution starts: bf16 gets the ZeRO stage it needs
+        ds = deepspeed_config(cfg, 2, precision)
+        assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+        assert ds["zero_optimization"]["stage"] >= (precision == "bf16")
 
 
 def test_shipped_configs_exist():
@@ -43,7 +46,7 @@ def test_override_into_modality_list(tmp_path):
         ("model: {modalities: [{name: a, nett: x}, {name: b}]}\n", None, r"unknown key 'model\.modalities\.0\.nett'"),
         ("train: {max_steps: ten}\n", None, r"bad\.yaml: key 'train\.max_steps' must be int"),
         ("train: {precision: fp8}\n", None, r"'train\.precision' must be one of"),
-        ("train: {precision: bf16}\n", None, r"bad\.yaml: key 'train\.precision' bf16 needs 'train\.zero_stage' >= 1"),
+        ("train: {threads: -1}\n", None, r"bad\.yaml: key 'train\.threads' must be >= 0"),
         ("data: {observed_fraction: 1.5}\n", None, r"'data\.observed_fraction' must be in \(0, 1\]"),
         ("train: [1, 2]\n", None, r"key 'train' must be a mapping"),
         ("train: {max_steps: 3\n", None, r"bad\.yaml: not valid YAML"),
@@ -69,7 +72,19 @@ def test_deepspeed_json_follows_config():
     ds = deepspeed_config(cfg, world_size=3)
     assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
     assert ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 16 * 4 * 3
-    assert "fp16" not in ds and "gradient_clipping" not in deepspeed_config(load_config(None), 1)
+    plain = deepspeed_config(load_config(None), 1, "fp32")
+    assert "fp16" not in ds and plain["gradient_clipping"] == 0.0  # absent, DeepSpeed would clip at 1.0
+
+
+def test_bf16_raises_the_zero_stage_and_auto_needs_resolving():
+    cfg = load_config(None, ["train.precision=bf16", "train.zero_stage=0"])
+    assert deepspeed_config(cfg, 1)["zero_optimization"]["stage"] == 1  # fp32 master weights need ZeRO >= 1
+    auto = load_config(None)
+    assert auto.train.precision == "auto"
+    assert deepspeed_config(auto, 1, "fp32")["zero_optimization"]["stage"] == 0
+    assert deepspeed_config(auto, 1, "bf16")["bf16"] == {"enabled": True}
+    with pytest.raises(ValueError, match="auto"):
+        deepspeed_config(auto, 1)
 
 
 def test_flatten_names_every_leaf():

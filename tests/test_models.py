@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from meme_scale import objectives as obj
 from meme_scale.models import MEME, NETWORKS, ModalitySpec, auto_network, build_networks
 
 QUICKSTART = [ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"), ModalitySpec("digits", "image", (1, 8, 8), "small_mlp")]
@@ -23,23 +24,58 @@ def _subset(batch, idx, observed):
     return {"mnist": batch["mnist"][idx], "digits": batch["digits"][idx], "observed": observed[idx]}
 
 
+def _noise(model, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(model.k + 1, n, model.latent_dim, generator=g) for m in model.names}
+
+
 def test_mixed_batch_equals_count_weighted_parts():
+    """Each row's contribution depends on its own data and noise only: a batch mixing the three patterns
+    equals its paired, s-only and t-only parts computed apart, each with its rows' noise."""
     model = _model()
     obs = torch.ones(12, 2, dtype=torch.bool)
     obs[5:9, 1] = False  # s-only
     obs[9:, 0] = False  # t-only
-    batch = _batch(12, obs)
-    torch.manual_seed(1)
-    mixed, terms = model.loss(batch)
-    # The model draws noise for paired, then s-only, then t-only samples: replay that order.
-    torch.manual_seed(1)
-    parts = [model.loss(_subset(batch, idx, obs))[0] * len(idx) for idx in (range(0, 5), range(5, 9), range(9, 12))]
+    obs[[1, 10]] = obs[[10, 1]].clone()  # patterns interleaved, not in blocks
+    batch, noise = _batch(12, obs), _noise(model, 12)
+    mixed, terms = model.loss(batch, noise)
+    groups = [torch.tensor(g) for g in ([0, 2, 3, 4, 10], [5, 6, 7, 8], [1, 9, 11])]
+    parts = [model.loss(_subset(batch, idx, obs), {m: v[:, idx] for m, v in noise.items()})[0] * len(idx)
+             for idx in groups]  # fmt: skip
     torch.testing.assert_close(mixed, sum(parts) / 12)
     assert {"J_mnist|digits", "J_digits|mnist", "J_mnist", "J_digits"} <= set(terms)
     assert list(terms) == model.term_names
     total, count = terms["paired_fraction"].tolist()
     assert (total, count) == (5, 12)
     assert terms["J_mnist"][1] == 4 and terms["J_digits"][1] == 3
+
+
+def test_loss_equals_the_reference_bounds_on_the_same_noise():
+    """The model's loss against objectives' reference functions, with the same draws: the paired rows give
+    J_s|t + J_t|s (the reference draws its own [K+1, B, L] noise per direction: replayed by seed), the
+    unpaired rows J_x under the pseudo-sample prior."""
+    model = _model(k=3)
+    obs = torch.ones(9, 2, dtype=torch.bool)
+    obs[6:8, 1] = False  # mnist-only
+    obs[8:, 0] = False  # digits-only
+    batch, noise = _batch(9, obs), _noise(model, 9)
+    s, t = model.names
+    ref = 0.0
+    for x, y, seed in ((s, t, 3), (t, s, 4)):
+        torch.manual_seed(seed)
+        noise[x][:, :6] = torch.randn(4, 6, 8)  # what the reference's one randn call will draw
+        torch.manual_seed(seed)
+        ref = ref + obj.mutual_supervision_bound(
+            batch[x][:6], batch[y][:6], model.encoders[x], model.decoders[x], model.encoders[y], model.decoders[y],
+            model.log_lik_fn(x), model.log_lik_fn(y), k=3, alpha=model.alpha).sum()  # fmt: skip
+    for x, y, rows in ((s, t, [6, 7]), (t, s, [8])):
+        torch.manual_seed(5)
+        noise[x][0, rows] = torch.randn(len(rows), 8)
+        torch.manual_seed(5)
+        ref = ref + obj.pseudo_sample_bound(batch[x][rows], model.encoders[x], model.decoders[x], model.encoders[y],
+                                            model.pseudo_data(y), model.log_lik_fn(x)).sum()  # fmt: skip
+    loss, _ = model.loss(batch, noise)
+    torch.testing.assert_close(loss, -ref / 9)
 
 
 @pytest.mark.parametrize("pattern", ["paired", "s_only", "t_only"])
@@ -59,12 +95,30 @@ def test_every_parameter_gets_a_gradient_whatever_the_pattern(pattern):
     assert touched == (pattern == "s_only")
 
 
-def test_init_pseudo_samples_from_observed_data():
+def test_init_pseudo_samples_puts_the_given_samples_in_data_space():
     model = _model()
-    batch = _batch(4)
-    model.init_pseudo_samples(batch)
-    torch.testing.assert_close(model.pseudo_data("mnist")[:4], batch["mnist"].clamp(1e-3, 1 - 1e-3))
-    torch.testing.assert_close(model.pseudo_data("mnist")[4:8], model.pseudo_data("mnist")[:4])
+    batch = _batch(16)
+    model.init_pseudo_samples({m: batch[m] for m in model.names})
+    torch.testing.assert_close(model.pseudo_data("mnist"), batch["mnist"])  # pixels as they are, no clamp to 1e-3
+    with pytest.raises(ValueError, match="'digits': 4 samples for 16 pseudo-samples"):
+        model.init_pseudo_samples({"digits": batch["digits"][:4]})
+
+
+def test_saturated_pseudo_sample_pixels_move():
+    """Pixels at exactly 0 or 1 (most of an MNIST digit) get gradient and move under Adam: with a
+    sigmoid-of-logits parameterisation initialised at the clamp they would barely change."""
+    model = _model()
+    data = (torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    model.init_pseudo_samples({"mnist": data, "digits": _batch(16)["digits"]})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    obs = torch.zeros(32, 2, dtype=torch.bool)
+    obs[:, 1] = True  # digits only: the mnist pseudo-samples are the prior's
+    for step in range(5):
+        opt.zero_grad()
+        model.loss(_batch(32, obs, seed=step))[0].backward()
+        opt.step()
+    moved = (model.pseudo_data("mnist") - data).abs() > 1e-2
+    assert moved[data == 1].float().mean() > 0.2 and moved[data == 0].float().mean() > 0.2
 
 
 def test_bf16_autocast_runs_without_nan():
@@ -122,8 +176,10 @@ def test_caption_pseudo_samples_are_soft_tokens():
     model = MEME([QUICKSTART[0], spec], latent_dim=8, pseudo_samples=4)
     tokens = torch.randint(1, 40, (4, 32))
     batch = {"mnist": torch.rand(4, 1, 28, 28), "text": tokens, "observed": torch.tensor([[1, 0]] * 4).bool()}
-    model.init_pseudo_samples({**batch, "observed": torch.ones(4, 2, dtype=torch.bool)})
-    assert (model.pseudo_data("text").argmax(-1) == tokens).all()
+    model.init_pseudo_samples({"mnist": batch["mnist"], "text": tokens})
+    soft = model.pseudo_data("text")
+    assert (soft.argmax(-1) == tokens).all()
+    torch.testing.assert_close(soft.max(-1).values, torch.full((4, 32), MEME.CAPTION_INIT_PROB))
     loss, _ = model.loss(batch)
     loss.backward()
     assert model.pseudo["text"].grad.abs().sum() > 0
@@ -139,15 +195,25 @@ def test_auto_network_choice():
         build_networks(ModalitySpec("m", "image", (1, 8, 8), "nope"), 4)
 
 
-def test_loss_sends_the_k_plus_1_samples_through_each_decoder_in_one_pass():
-    """A paired batch: each decoder runs once on its own main sample [B, L] and once, batched, on the
-    other direction's K + 1 samples [K+1, B, L] -- not K + 1 separate calls."""
+def test_each_network_runs_once_per_loss():
+    """Each decoder runs once per loss, on its own modality's B main samples together with the other
+    direction's K + 1 samples ([(K + 2) B, L]); each encoder once on the data, once on the pseudo-samples
+    only when an unpaired row needs them."""
     model = _model(k=5)
-    seen = {name: [] for name in model.names}
+    seen = {f"{kind}_{name}": [] for kind in ("enc", "dec") for name in model.names}
     for name in model.names:
-        model.decoders[name].register_forward_hook(lambda m, inp, out, n=name: seen[n].append(tuple(inp[0].shape)))
+        for kind, net in (("enc", model.encoders[name]), ("dec", model.decoders[name])):
+            net.register_forward_hook(lambda m, inp, out, key=f"{kind}_{name}": seen[key].append(tuple(inp[0].shape)))
     model.loss(_batch(4))
-    assert {n: sorted(s, key=len) for n, s in seen.items()} == {n: [(4, 8), (6, 4, 8)] for n in model.names}
+    assert seen == {"enc_mnist": [(4, 1, 28, 28)], "enc_digits": [(4, 1, 8, 8)], "dec_mnist": [(28, 8)],
+                    "dec_digits": [(28, 8)]}  # fmt: skip
+    for v in seen.values():
+        v.clear()
+    obs = torch.ones(4, 2, dtype=torch.bool)
+    obs[3, 1] = False  # one mnist-only row: digits' pseudo-samples are encoded, once
+    model.loss(_batch(4, obs))
+    assert seen == {"enc_mnist": [(4, 1, 28, 28)], "enc_digits": [(3, 1, 8, 8), (16, 1, 8, 8)],
+                    "dec_mnist": [(4 + 6 * 3, 8)], "dec_digits": [(3 + 6 * 3, 8)]}  # fmt: skip
 
 
 class _Probe(torch.nn.Module):
@@ -172,8 +238,8 @@ def test_sample_prior_draws_from_the_pseudo_sample_mixture():
     for name, offset in zip(model.names, (0.0, -10.0)):
         model.encoders[name] = _Probe(offset, sigma)
         model.decoders[name] = torch.nn.Identity()  # decode(z) = z, so sample_prior shows its latents
-        raw = torch.full_like(model.pseudo[name], -30.0).flatten(1)
-        raw[torch.arange(n_pseudo), torch.arange(n_pseudo)] = 30.0  # sigmoid -> one-hot e_i in the first pixels
+        raw = torch.zeros_like(model.pseudo[name]).flatten(1)
+        raw[torch.arange(n_pseudo), torch.arange(n_pseudo)] = 1.0  # one-hot e_i in the first pixels
         with torch.no_grad():
             model.pseudo[name].copy_(raw.view_as(model.pseudo[name]))
         centres.append(10.0 * torch.eye(n_pseudo, 8) + offset)
@@ -191,3 +257,29 @@ def test_sample_prior_draws_from_the_pseudo_sample_mixture():
     counts = torch.bincount(nearest, minlength=2 * n_pseudo).double()
     expected = draws / (2 * n_pseudo)  # 500 each; binomial sd ~ 21
     assert ((counts - expected).abs() < 5 * (expected * (1 - 1 / (2 * n_pseudo))) ** 0.5).all(), counts
+
+
+@pytest.mark.parametrize("net, shape", [("svhn_conv", (3, 32, 32)), ("conv", (3, 64, 64))])
+def test_image_decoder_output_does_not_depend_on_the_rest_of_its_batch(net, shape):
+    """In train mode (where BatchNorm would use batch statistics): a latent decodes to the same image alone,
+    in a batch of 8, and inside the K-sample pass's [K+1, B, L] batch."""
+    torch.manual_seed(0)
+    _, dec = build_networks(ModalitySpec("m", "image", shape, net), 6)
+    dec.train()
+    z = torch.randn(3, 8, 6)
+    together = dec(z)
+    torch.testing.assert_close(dec(z[1]), together[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dec(z[1, 2:3]), together[1, 2:3], rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_takes_a_sub_batch_of_one_in_train_mode():
+    """At small f a modality can be observed in a single row; its BatchNorm then uses running statistics."""
+    torch.manual_seed(0)
+    enc, _ = build_networks(ModalitySpec("m", "image", (3, 32, 32), "svhn_conv"), 6)
+    enc.train()
+    enc(torch.rand(8, 3, 32, 32))  # running statistics move off their initial values
+    last_bn = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]  # sees [1, 512, 1, 1]
+    before = last_bn.running_mean.clone()
+    mu, sigma = enc(torch.rand(1, 3, 32, 32))
+    assert mu.shape == (1, 6) and torch.isfinite(mu).all() and (sigma > 0).all()
+    torch.testing.assert_close(last_bn.running_mean, before)  # one value per channel: no statistics taken from it

@@ -23,7 +23,7 @@ from meme_scale.models import build_model, modality_specs
 from meme_scale.speed import apply_speed_options
 
 sys.path.insert(0, str(ROOT / "tools"))
-from bench import SHAPES, synthetic_batch  # noqa: E402
+from bench_step import SHAPES, synthetic_batch  # noqa: E402
 
 FP32_TOL, GRAD_TOL, BF16_TOL = 1e-5, 1e-3, 1e-2
 SHIPPED_SHAPES = {  # every training config and the meta.json shapes of its dataset
@@ -91,9 +91,9 @@ def _step_every_config(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")  # fmt: skip
     from meme_scale.config import deepspeed_config
-    from meme_scale.engine import build_engine, init_distributed
+    from meme_scale.engine import adam, build_engine, init_distributed
     from meme_scale.evaluate import to_device
-    from meme_scale.loop import DTYPES
+    from meme_scale.hardware import DTYPES, resolve_precision
 
     init_distributed()
     results = {}
@@ -101,14 +101,15 @@ def _step_every_config(rank: int, port: int, out: str) -> None:
         cfg = load_config(ROOT / "configs" / name, ["train.micro_batch_size=8"])
         torch.manual_seed(0)
         model = apply_speed_options(build_model(cfg.model, modality_specs(cfg.model, {"modalities": meta})), cfg.train)
-        engine = build_engine(model, torch.optim.Adam(model.parameters(), lr=cfg.optim.lr), deepspeed_config(cfg, 1))
-        batch = to_device(synthetic_batch(meta, 8), torch.device("cpu"), DTYPES[cfg.train.precision])
+        precision = resolve_precision(cfg.train.precision, torch.device("cpu")).precision
+        engine = build_engine(model, adam(model.parameters(), cfg.optim.lr), deepspeed_config(cfg, 1, precision))
+        batch = to_device(synthetic_batch(meta, 8, observed_fraction=0.5), torch.device("cpu"), DTYPES[precision])
         before = [p.detach().float().clone() for p in engine.module.parameters()]
         loss, _ = engine(batch)
         engine.backward(loss)
         engine.step()
         moved = any(not torch.equal(a, p.detach().float()) for a, p in zip(before, engine.module.parameters()))
-        results[name] = {"loss": loss.item(), "moved": moved, "precision": cfg.train.precision}
+        results[name] = {"loss": loss.item(), "moved": moved, "precision": precision}
     Path(out).write_text(json.dumps(results))
 
 
@@ -122,4 +123,28 @@ def test_every_shipped_config_takes_a_step_through_the_engine(tmp_path):
     results = json.loads(out.read_text())
     for name, r in results.items():
         assert torch.isfinite(torch.tensor(r["loss"])) and r["moved"], (name, r)
-    assert {r["precision"] for r in results.values()} == {"fp32", "bf16"}
+    # all the same: every shipped config says auto, resolved by this machine's bf16 probe
+    assert len({r["precision"] for r in results.values()}) == 1 and results["cub.yaml"]["precision"] in ("fp32", "bf16")
+
+
+@pytest.mark.parametrize("net", ["svhn_conv", "caption_cnn"])
+def test_matrix_product_layers_equal_the_convolutions_they_replace(net):
+    """The networks' whole-input Conv2d and 1x1-input ConvTranspose2d run as matrix products: same outputs and
+    gradients as torch's convolutions with the same weights, in both memory formats."""
+    from meme_scale.models.networks import Conv2d, ConvTranspose2d
+
+    torch.manual_seed(0)
+    cases = [(Conv2d(8, 16, (4, 16)), torch.nn.Conv2d, (5, 8, 4, 16)),
+             (ConvTranspose2d(6, 12, (4, 4)), torch.nn.ConvTranspose2d, (5, 6, 1, 1))] if net == "svhn_conv" else \
+            [(ConvTranspose2d(6, 12, (1, 1), bias=False), torch.nn.ConvTranspose2d, (5, 6, 1, 1))]  # fmt: skip
+    for fast, base, shape in cases:
+        ref = base(fast.in_channels, fast.out_channels, fast.kernel_size, bias=fast.bias is not None)
+        ref.load_state_dict(fast.state_dict())
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+            out_fast, out_ref = fast(x), ref(x)
+            torch.testing.assert_close(out_fast, out_ref, rtol=FP32_TOL, atol=1e-6)
+            g = torch.randn_like(out_ref)
+            grads = [torch.autograd.grad(o, [x, m.weight], g) for o, m in ((out_fast, fast), (out_ref, ref))]
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

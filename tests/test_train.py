@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, launch, run_group, summary, train_args
 from meme_scale.config import load_config
+from meme_scale.hardware import available_cores
 from meme_scale.checkpoint import complete_tags, export
 from meme_scale.tracking import default_tracking_uri
 
@@ -44,6 +45,21 @@ def test_deepspeed_zero_bf16_ranks_stay_in_sync_and_resume(quickstart_shards, tm
     # another world size resumes too, and says that the data order changed
     proc = launch("python", args[:-1] + ["train.max_steps=11", "--resume", "auto"], nproc=1)
     assert "data order" in proc.stderr and summary(run_dir)["step"] == 11
+
+
+def test_run_records_the_precision_and_threads_it_chose(quickstart_shards, tmp_path):
+    """2 ranks on this machine's cores, no OMP_NUM_THREADS, precision auto: each rank takes its share of the
+    cores, and the run says what it chose and why in summary.json and its MLflow params."""
+    run_dir = tmp_path / "run"
+    launch("deepspeed", train_args(quickstart_shards, run_dir, "train.precision=auto", "train.max_steps=2"),
+           env={"OMP_NUM_THREADS": ""})  # fmt: skip
+    s = summary(run_dir)
+    assert s["hardware"]["threads"] == max(1, available_cores() // 2)
+    assert "shared by 2 rank(s)" in s["hardware"]["threads_reason"]
+    assert s["precision"]["requested"] == "auto" and s["precision"]["precision"] == s["hardware"]["precision"]
+    assert s["precision"]["probe"]["bf16_speedup"] > 0 and s["precision"]["precision"] in s["precision"]["reason"]
+    params = MlflowClient(default_tracking_uri(run_dir)).get_run(s["mlflow_run_id"]).data.params
+    assert params["resolved.precision"] == s["precision"]["precision"] and params["train.precision"] == "auto"
 
 
 def test_stop_and_resume_equals_uninterrupted(quickstart_shards, tmp_path):

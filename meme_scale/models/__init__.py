@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .baselines import BASELINES, MMVAE, MVAE, MoPoE
-from .meme import MEME, MultimodalVAE, count_parameters
+from .meme import MEME, MultimodalVAE, count_parameters, pick_pseudo_samples
 from .networks import NETWORKS, ModalitySpec, auto_network, build_networks
 
 MODELS = {"meme": MEME, **BASELINES}
@@ -41,4 +41,4 @@ def build_model(model_cfg, specs: list[ModalitySpec]) -> MultimodalVAE:
 
 
 __all__ = ["MEME", "MMVAE", "MODELS", "MVAE", "NETWORKS", "ModalitySpec", "MoPoE", "MultimodalVAE", "auto_network",
-           "build_model", "build_networks", "count_parameters", "modality_specs"]
+           "build_model", "build_networks", "count_parameters", "modality_specs", "pick_pseudo_samples"]

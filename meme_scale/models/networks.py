@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -66,7 +67,7 @@ def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(act())
+            layers.append(act(inplace=True))
     return nn.Sequential(*layers)
 
 
@@ -74,7 +75,7 @@ class MLPEncoder(nn.Module):
     def __init__(self, spec: ModalitySpec, latent_dim: int, hidden: tuple[int, ...]):
         super().__init__()
         d_in = math.prod(spec.shape)
-        self.body = nn.Sequential(nn.Flatten(), _mlp([d_in, *hidden], nn.ELU), nn.ELU())
+        self.body = nn.Sequential(nn.Flatten(), _mlp([d_in, *hidden], nn.ELU), nn.ELU(inplace=True))
         self.head = GaussianHead(hidden[-1], latent_dim, spec.sigma_min)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,8 +90,58 @@ def mlp_decoder(spec: ModalitySpec, latent_dim: int, hidden: tuple[int, ...]) ->
     return SampleDecoder(body, spec.shape)
 
 
+class Conv2d(nn.Conv2d):
+    """A Conv2d whose kernel covers its whole input (the encoders' last layers) runs as one matrix product.
+
+    That is what it computes, and oneDNN's convolution kernels are several times slower at it; the
+    parameters and state_dict are nn.Conv2d's, and the result is equal up to float rounding.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.kernel_size or self.padding != (0, 0) or self.groups != 1:
+            return super().forward(x)
+        if x.is_contiguous(memory_format=torch.channels_last):  # flatten both in (h, w, c) order: no copy of x
+            x_flat, w_flat = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), self.weight.permute(0, 2, 3, 1).flatten(1)
+        else:
+            x_flat, w_flat = x.flatten(1), self.weight.flatten(1)
+        return F.linear(x_flat, w_flat, self.bias)[:, :, None, None]
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """A ConvTranspose2d from a 1 x 1 input (the decoders' first layers) runs as one matrix product.
+
+    Each output pixel is then a linear function of the latent: z @ W[L, C*kh*kw]. oneDNN's transposed
+    convolution takes 5-7x longer for it (measured at the SVHN decoder's shapes); same parameters.
+    """
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if x.shape[-2:] != (1, 1) or self.stride != (1, 1) or self.padding != (0, 0) or output_size is not None \
+                or self.groups != 1:  # fmt: skip
+            return super().forward(x, output_size)
+        n, (kh, kw) = x.shape[0], self.kernel_size
+        out = x.flatten(1) @ self.weight.flatten(1)  # [N, C * kh * kw], in (c, h, w) order
+        out = out.view(n, self.out_channels, kh, kw)
+        return out if self.bias is None else out + self.bias[:, None, None]
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that normalises a single value per channel with its running statistics.
+
+    Masked sub-batches can hold one sample (a modality observed in one row of the batch at small f),
+    and batch statistics of one value per channel are undefined. Same parameters and state_dict keys.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.numel() == x.shape[1]:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class ConvEncoder(nn.Module):
-    """DCGAN-style stride-2 convs down to 4x4, then a 4x4 conv to a feature vector (SVHN net of DESIGN 1.4)."""
+    """DCGAN-style stride-2 convs down to 4x4, then a 4x4 conv to a feature vector (SVHN net of DESIGN 1.4).
+
+    BatchNorm after every conv, the last one without ReLU, as the authors' SVHN encoder.
+    """
 
     def __init__(self, spec: ModalitySpec, latent_dim: int, hidden: tuple[int, ...]):
         super().__init__()
@@ -99,9 +150,9 @@ class ConvEncoder(nn.Module):
         layers: list[nn.Module] = []
         c_in = channels
         for c_out in widths:
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in, size = c_out, size // 2
-        layers += [nn.Conv2d(c_in, features, size, 1, 0), nn.ReLU(), nn.Flatten()]
+        layers += [Conv2d(c_in, features, size, 1, 0, bias=False), BatchNorm2d(features), nn.Flatten()]
         self.body = nn.Sequential(*layers)
         self.head = GaussianHead(features, latent_dim, spec.sigma_min)
 
@@ -110,21 +161,22 @@ class ConvEncoder(nn.Module):
 
 
 def conv_decoder(spec: ModalitySpec, latent_dim: int, hidden: tuple[int, ...]) -> SampleDecoder:
+    """Mirror of ConvEncoder with no BatchNorm (DESIGN 1.4): with it, a sample's likelihood would depend
+    on the rest of its batch, and the K-sample pass decodes a batch of (K + 1) * B latents."""
     channels, size = spec.shape[0], spec.shape[-1]
     *widths, _features = hidden
     start = size >> len(widths)
     layers: list[nn.Module] = [
         nn.Unflatten(1, (latent_dim, 1, 1)),
-        nn.ConvTranspose2d(latent_dim, widths[-1], start, 1, 0, bias=False),
-        nn.BatchNorm2d(widths[-1]),
-        nn.ReLU(),
+        ConvTranspose2d(latent_dim, widths[-1], start, 1, 0),
+        nn.ReLU(inplace=True),
     ]
     outs = [*reversed(widths[:-1]), channels]
     c_in = widths[-1]
     for i, c_out in enumerate(outs):
         last = i == len(outs) - 1
-        layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=last))
-        layers += [nn.Sigmoid()] if last else [nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1))
+        layers.append(nn.Sigmoid() if last else nn.ReLU(inplace=True))
         c_in = c_out
     return SampleDecoder(nn.Sequential(*layers), spec.shape)
 
@@ -160,9 +212,10 @@ class CaptionEncoder(nn.Module):
         layers: list[nn.Module] = []
         c_in = 1
         for c_out, (k, s, p) in zip(widths, _caption_plan(spec.shape[0], spec.embedding_dim, len(widths))):
-            layers += [nn.Conv2d(c_in, c_out, k, s, p, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, k, s, p, bias=False), BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
-        layers += [nn.Conv2d(c_in, features, _caption_grid(spec, len(widths)), 1, 0), nn.ReLU(), nn.Flatten()]
+        layers += [Conv2d(c_in, features, _caption_grid(spec, len(widths)), 1, 0), nn.ReLU(inplace=True),
+                   nn.Flatten()]  # fmt: skip
         self.body = nn.Sequential(*layers)
         self.head = GaussianHead(features, latent_dim, spec.sigma_min)
 
@@ -175,25 +228,26 @@ class CaptionEncoder(nn.Module):
 
 
 def caption_decoder(spec: ModalitySpec, latent_dim: int, hidden: tuple[int, ...]) -> SampleDecoder:
-    """Mirror of CaptionEncoder: latent -> T x E map -> per-position logits over the vocabulary."""
+    """Mirror of CaptionEncoder: latent -> T x E map -> per-position logits over the vocabulary.
+
+    No BatchNorm, for the reason conv_decoder gives."""
     *widths, features = hidden
     plan = _caption_plan(spec.shape[0], spec.embedding_dim, len(widths))
     grid = _caption_grid(spec, len(widths))
     layers: list[nn.Module] = [
         nn.Unflatten(1, (latent_dim, 1, 1)),
-        nn.ConvTranspose2d(latent_dim, features, 1, 1, 0),
-        nn.ReLU(),
-        nn.ConvTranspose2d(features, widths[-1], grid, 1, 0, bias=False),
-        nn.BatchNorm2d(widths[-1]),
-        nn.ReLU(),
+        ConvTranspose2d(latent_dim, features, 1, 1, 0),
+        nn.ReLU(inplace=True),
+        ConvTranspose2d(features, widths[-1], grid, 1, 0),
+        nn.ReLU(inplace=True),
     ]
     outs = [*reversed(widths[:-1]), 1]
     c_in = widths[-1]
     for c_out, (k, s, p) in zip(outs, reversed(plan)):
         last = c_out == 1
-        layers.append(nn.ConvTranspose2d(c_in, c_out, k, s, p, bias=last))
+        layers.append(nn.ConvTranspose2d(c_in, c_out, k, s, p))
         if not last:
-            layers += [nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers.append(nn.ReLU(inplace=True))
         c_in = c_out
     layers += [nn.Flatten(1, 2), nn.Linear(spec.embedding_dim, spec.vocab_size)]  # [N, T, E] -> [N, T, V]
     return SampleDecoder(nn.Sequential(*layers), (spec.shape[0], spec.vocab_size))
