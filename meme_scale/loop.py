@@ -82,15 +82,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                        observed_fraction=cfg.data.observed_fraction, missing=cfg.data.missing,
                        mask_seed=cfg.data.mask_seed, num_workers=cfg.data.num_workers)  # fmt: skip
     if cfg.model.pseudo_init == "data" and hasattr(model, "init_pseudo_samples"):
-        # the same N samples on every rank: one rank's view of the first epoch, the training mask applied
-        one_rank = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
-                               **{**stream_args, "rank": 0, "world_size": 1, "num_workers": 0})  # fmt: skip
-        first_epoch = (batch for epoch, _, batch in itertools.takewhile(lambda e: e[0] == 0, one_rank))
-        try:
-            model.init_pseudo_samples(pick_pseudo_samples(first_epoch, names, cfg.model.pseudo_samples))
-        except ValueError as e:
-            raise ValueError(f"{cfg.data.root} ({cfg.data.train_split} split, data.observed_fraction="
-                             f"{cfg.data.observed_fraction}, data.missing={cfg.data.missing}): {e}") from None
+        model.init_pseudo_samples(initial_pseudo_samples(cfg, names))
     apply_speed_options(model, cfg.train)
     optimizer = adam(model.parameters(), cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay)
     engine = build_engine(model, optimizer, deepspeed_config(cfg, info.world_size, precision.precision))
@@ -294,6 +286,20 @@ def _engine_metrics(engine, info: DistInfo, state: State, window: _Window) -> di
     else:
         metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return metrics
+
+
+def initial_pseudo_samples(cfg: Config, names: list[str]) -> dict[str, torch.Tensor]:
+    """N distinct training samples per modality, observed under the run's mask (DESIGN 1.2), the same on
+    every rank: one rank's view of the first epoch, read until each modality has N."""
+    one_rank = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size, modalities=names, rank=0,
+                           world_size=1, seed=cfg.train.seed, observed_fraction=cfg.data.observed_fraction,
+                           missing=cfg.data.missing, mask_seed=cfg.data.mask_seed, num_workers=0)  # fmt: skip
+    first_epoch = (batch for epoch, _, batch in itertools.takewhile(lambda e: e[0] == 0, one_rank))
+    try:
+        return pick_pseudo_samples(first_epoch, names, cfg.model.pseudo_samples)
+    except ValueError as e:
+        raise ValueError(f"{cfg.data.root} ({cfg.data.train_split} split, data.observed_fraction="
+                         f"{cfg.data.observed_fraction}, data.missing={cfg.data.missing}): {e}") from None
 
 
 def _position_after(train_data: TrainStream, epoch: int, index: int) -> tuple[int, int]:

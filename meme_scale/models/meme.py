@@ -6,6 +6,7 @@ in ``meme_scale.objectives``. The sampling methods serve metrics and pictures.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import partial
 from typing import Iterable
@@ -298,17 +299,19 @@ class _RowPlan:
 def pick_pseudo_samples(batches: Iterable[dict], names: list[str], n: int) -> dict[str, Tensor]:
     """The first ``n`` distinct observed samples of each modality in ``batches`` (DESIGN 1.2 init).
 
-    Distinct by sample key, observed by the batch's mask (a hidden or absent modality is never taken),
-    reading as many batches as it takes; ``batches`` should cover one epoch, so running out means the
-    data hold fewer than ``n`` such samples, which is an error that says how many there are.
+    Distinct by content (data sets repeat values under different keys: the quickstart pairs each UCI
+    digit with several MNIST images), observed by the batch's mask (a hidden or absent modality is never
+    taken), reading as many batches as it takes. ``batches`` should cover one epoch, so running out
+    means the data hold fewer than ``n`` such samples: an error that says how many there are.
     """
     picked: dict[str, list[Tensor]] = {m: [] for m in names}
-    keys: dict[str, set] = {m: set() for m in names}
+    seen: dict[str, set] = {m: set() for m in names}
     for batch in batches:
         for col, m in enumerate(names):
             for i in batch["observed"][:, col].nonzero().flatten().tolist():
-                if len(picked[m]) < n and batch["key"][i] not in keys[m]:
-                    keys[m].add(batch["key"][i])
+                digest = hashlib.blake2b(batch[m][i].numpy().tobytes(), digest_size=16).digest()
+                if len(picked[m]) < n and digest not in seen[m]:
+                    seen[m].add(digest)
                     picked[m].append(batch[m][i])
         if all(len(v) == n for v in picked.values()):
             return {m: torch.stack(v) for m, v in picked.items()}

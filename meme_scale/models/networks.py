@@ -267,7 +267,7 @@ NETWORKS: dict[str, NetworkKind] = {
     "feature_mlp": NetworkKind(MLPEncoder, mlp_decoder, (1024, 512, 256), ("vector",)),
     "svhn_conv": NetworkKind(ConvEncoder, conv_decoder, (32, 64, 128, 512), ("image",)),
     "conv": NetworkKind(ConvEncoder, conv_decoder, (32, 64, 128, 256, 512), ("image",)),
-    "caption_cnn": NetworkKind(CaptionEncoder, caption_decoder, (64, 128, 256, 512), ("caption",)),
+    "caption_cnn": NetworkKind(CaptionEncoder, caption_decoder, (32, 64, 128, 512), ("caption",)),
 }
 
 
