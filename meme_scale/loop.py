@@ -21,7 +21,7 @@ from .models import build_model, count_parameters, modality_specs
 from .preemption import StopFlag, requeue_slurm_job, requeue_wanted
 from .progress import Progress
 from .speed import apply_speed_options
-from .tracking import open_tracker
+from .tracking import check_tracking, open_tracker
 
 log = logging.getLogger("meme_scale")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +61,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     info = init_distributed()
     _setup_logging(info)
     run_dir = Path(cfg.run.dir)
+    if info.is_main:  # a tracking server that does not answer is an error now, not after the whole setup
+        check_tracking(cfg.run.tracking_uri, cfg.run.tracking_required, run_dir)
     ckpt_dir = run_dir / "checkpoints"
     dtype = DTYPES[cfg.train.precision]
 
@@ -104,7 +106,8 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     start_rng = checkpoint.rng_state()
 
     tracker = open_tracker(info.is_main, cfg.run.tracking_uri, run_dir, cfg.run.experiment, cfg.run.run_name,
-                           run_id=state.run_id or run_id, tags={"model": cfg.model.name, "world_size": info.world_size})  # fmt: skip
+                           run_id=state.run_id or run_id, tags={"model": cfg.model.name, "world_size": info.world_size},
+                           required=cfg.run.tracking_required)  # fmt: skip
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -115,7 +118,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 tracker.log_artifact(config_path, "config")
         log.info("model %s: %s parameters; %d rank(s); mlflow run %s", cfg.model.name,
                  f"{count_parameters(model):,}", info.world_size, tracker.run_id)  # fmt: skip
-    state.run_id = broadcast_object(tracker.run_id)
+    state.run_id = broadcast_object(tracker.run_ref)  # the MLflow id, or the queue's key while the server is away
 
     # -- fit --------------------------------------------------------------------------------
     train_data = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
@@ -175,6 +178,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
                 if report is not None:
                     report(metrics, state.step)
             if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.train.max_steps or stopped_by:
+                state.run_id = tracker.run_ref if info.is_main else state.run_id  # created by now, if it was queued
                 _save(engine, ckpt_dir, state, cfg, info)
             if stopped_by:
                 break
@@ -184,7 +188,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
             run_dir.joinpath("summary.json").write_text(json.dumps(
                 {"status": "failed", "error": f"{type(e).__name__}: {e}", "step": state.step,
                  "nan_skipped": state.nan_skipped, "mlflow_run_id": state.run_id, "run_dir": str(run_dir),
-                 "last_checkpoint": checkpoint.latest_tag(ckpt_dir)}, indent=2))  # fmt: skip
+                 "last_checkpoint": checkpoint.latest_tag(ckpt_dir), **tracker.summary_fields()}, indent=2))  # fmt: skip
         raise
     finally:
         progress.close()
@@ -199,7 +203,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     summary["samples_per_s"] = new_samples / max(summary["wall_s"], 1e-9)
     summary["parameter_digest_per_rank"] = all_gather_object(parameter_digest(engine.module))
     if info.is_main:
-        summary["final"] = _final_metrics(tracker)
+        summary["final"] = tracker.final_metrics()  # what this process logged: the server may be away
         if stopped_by:
             tracker.finish("KILLED")
         else:
@@ -207,9 +211,10 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
             tracker.log_artifact(export, "model")
             summary["export"] = str(export)
             tracker.finish("FINISHED")
+        summary.update(tracker.summary_fields())  # the MLflow id (if the server has created the run) and what is queued
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: step %d; checkpoint %s; mlflow run %s at %s; pictures %s; summary %s", state.step,
-                 summary["checkpoint"], state.run_id, tracker.tracking_uri, run_dir / "pictures", run_dir / "summary.json")  # fmt: skip
+                 summary["checkpoint"], summary["mlflow_run_id"], tracker.tracking_uri, run_dir / "pictures", run_dir / "summary.json")  # fmt: skip
         if stopped_by:  # last: Slurm stops this job as soon as the requeue goes through
             if requeue:  # only for Slurm's USR1 warning: a user's scancel (TERM) must not requeue
                 requeue_slurm_job()
@@ -333,13 +338,6 @@ def parameter_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _final_metrics(tracker) -> dict:
-    client = getattr(tracker, "client", None)
-    if client is None:
-        return {}
-    return {k: v for k, v in client.get_run(tracker.run_id).data.metrics.items()}
 
 
 def _setup_logging(info: DistInfo) -> None:
