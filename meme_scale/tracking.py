@@ -199,7 +199,7 @@ class QueuedTracker(_Recording):
             self._append({"op": "create", **spec})
         if run_id:
             self._append({"op": "status", "status": "RUNNING", "time": _now_ms()})
-        if not away and self.run_id is None:  # create the run now: its id belongs in the logs from the start
+        if not away and not run_id:  # create the run now: its id belongs in the logs (and a sweep's record)
             try:
                 with _fast_http():
                     self.delivery.deliver()

@@ -101,7 +101,10 @@ class Journal:
                         os.write(self._fd, b"\n")
 
     def append(self, record: dict) -> None:
-        os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        written = os.write(self._fd, data)  # one write: appends from two trackers never interleave
+        while written < len(data):  # only on a full disk or a signal
+            written += os.write(self._fd, data[written:])
 
     def keep_file(self, path: str | Path) -> str:
         """The path an artifact record should name: a copy for small files (the original may change)."""
@@ -288,9 +291,9 @@ class Sender:
         self._thread.join(FINAL_WAIT_S + join_timeout + 5)  # a hung request must not hang the run's end
 
     def _loop(self) -> None:
-        delay, down_since, synced = None, None, time.monotonic()
+        backoff, down_since, synced = 0.0, None, time.monotonic()
         while True:
-            self.wake.wait(delay)
+            self.wake.wait()  # set at the start, by each record, by stop(), and after a pause below
             self.wake.clear()
             before = self.delivery.delivered
             try:
@@ -311,22 +314,24 @@ class Sender:
                 if down_since is not None:
                     log.warning("MLflow tracking server %s answers again after %.0f s: queued tracking delivered",
                                 self.uri, now - down_since)  # fmt: skip
-                down_since, delay, self.last_error = None, None, None
+                backoff, down_since, self.last_error = 0.0, None, None
                 if self._stopping_since is not None:
                     return
-                self._stopping.wait(SEND_EVERY_S)
+                self._stopping.wait(SEND_EVERY_S)  # what is logged meanwhile goes in one request
                 continue
             if down_since is None:
                 down_since = now
                 log.warning("MLflow tracking server %s does not answer (%s): training goes on; tracking is queued "
                             "in %s and retried", self.uri, failed, self.journal.dir)  # fmt: skip
             self.last_error = failed
-            if self._stopping_since is not None:
-                if now - max(self._stopping_since, self._last_progress) > FINAL_WAIT_S:
-                    return
-                delay = RETRY_FIRST_S
+            if self._stopping_since is None:  # new records do not cut the backoff short; stop() does
+                backoff = min(2 * backoff or RETRY_FIRST_S, RETRY_MAX_S)
+                self._stopping.wait(backoff)
+            elif now - max(self._stopping_since, self._last_progress) > FINAL_WAIT_S:
+                return
             else:
-                delay = min(2 * delay if delay else RETRY_FIRST_S, RETRY_MAX_S)
+                time.sleep(RETRY_FIRST_S)
+            self.wake.set()
 
 
 def _groups(records: Iterator[tuple[int, dict | None]]) -> Iterator[tuple[int, list]]:

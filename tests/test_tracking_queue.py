@@ -72,7 +72,10 @@ def test_records_replay_in_order_across_sessions(offline, tmp_path):
     assert Path(client.download_artifacts(run_id, "pictures/grid.png", str(tmp_path))).read_bytes() == b"picture at step 50"
     assert result["rejected"] == 0
     assert sync_queue(run_dir, store)["delivered"] == 0  # delivered once
+    (run_dir / "tracking_queue" / "state.json").unlink()  # as if killed after the calls, before saving the offset
+    assert sync_queue(run_dir, store)["runs"] == result["runs"]  # the run is found again, not made twice
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert _history(client, run_id, "loss") == [(s, 100.0 - s) for s in range(1, 61)]  # no metric twice
 
 
 CHILD = """
