@@ -21,7 +21,7 @@ from .models import build_model, count_parameters, modality_specs
 from .preemption import StopFlag, requeue_slurm_job, requeue_wanted
 from .progress import Progress
 from .speed import apply_speed_options
-from .tracking import check_tracking, open_tracker
+from .tracking import TrackingUnavailable, open_tracker, tracking_problem
 
 log = logging.getLogger("meme_scale")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,8 +61,10 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
     info = init_distributed()
     _setup_logging(info)
     run_dir = Path(cfg.run.dir)
-    if info.is_main:  # a tracking server that does not answer is an error now, not after the whole setup
-        check_tracking(cfg.run.tracking_uri, cfg.run.tracking_required, run_dir)
+    # a tracking server that does not answer is an error now, on every rank, not after the whole setup
+    problem = tracking_problem(cfg.run.tracking_uri, cfg.run.tracking_required, run_dir) if info.is_main else None
+    if problem := broadcast_object(problem):
+        raise TrackingUnavailable(problem)
     ckpt_dir = run_dir / "checkpoints"
     dtype = DTYPES[cfg.train.precision]
 
@@ -117,7 +119,7 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
             if config_path:
                 tracker.log_artifact(config_path, "config")
         log.info("model %s: %s parameters; %d rank(s); mlflow run %s", cfg.model.name,
-                 f"{count_parameters(model):,}", info.world_size, tracker.run_id)  # fmt: skip
+                 f"{count_parameters(model):,}", info.world_size, tracker.run_ref)  # fmt: skip
     state.run_id = broadcast_object(tracker.run_ref)  # the MLflow id, or the queue's key while the server is away
 
     # -- fit --------------------------------------------------------------------------------

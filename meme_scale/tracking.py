@@ -261,15 +261,16 @@ class QueuedTracker(_Recording):
                 "tracking_queue": {"dir": str(self.journal.dir), "pending": self.journal.pending(self.tracking_uri)}}
 
 
-def check_tracking(tracking_uri: str, required: bool, run_dir: str | Path) -> None:
-    """Raises TrackingUnavailable at once if a required tracking server does not answer: a run calls this
+def tracking_problem(tracking_uri: str, required: bool, run_dir: str | Path) -> str | None:
+    """Why a run cannot start (a required tracking server that does not answer), or None. A run asks
     first, so a wrong URL costs seconds, not the minutes of setting up a model before open_tracker."""
     if required and is_server(tracking_uri or ""):
         from mlflow.tracking import MlflowClient
 
         away = _probe(MlflowClient(tracking_uri=tracking_uri), None)
         if away:
-            raise _unavailable(tracking_uri, away, Journal(run_dir).dir)
+            return str(_unavailable(tracking_uri, away, Journal(run_dir).dir))
+    return None
 
 
 def _probe(client, run_id: str | None) -> str | None:
