@@ -37,7 +37,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 QUEUE_DIR = "tracking_queue"
 RUN_TAG = "meme_scale.queue_run"
-COPY_LIMIT = 64 * 2**20  # artifacts up to this size are copied when logged; larger ones are read at delivery
+COPY_LIMIT = 8 * 2**20  # artifacts up to this size are copied when logged (pictures, configs); larger ones are read when sent
 METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 PARAMS_PER_CALL = 100
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 4.0  # the sender's backoff while the server is away
