@@ -86,6 +86,7 @@ class RunConfig:
     experiment: str = "meme_scale"
     run_name: str = ""
     tracking_uri: str = ""  # empty: sqlite:///<dir>/mlflow.db
+    tracking_required: bool = True  # false: a tracking server away at start-up does not stop the run (it queues)
     log_every: int = 10
     eval_every: int = 200
     eval_max_batches: int = 0  # 0: the whole eval split

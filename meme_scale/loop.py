@@ -30,7 +30,7 @@ from .models import build_model, count_parameters, modality_specs, pick_pseudo_s
 from .preemption import StopFlag, requeue_slurm_job, requeue_wanted
 from .progress import Progress
 from .speed import apply_speed_options
-from .tracking import open_tracker
+from .tracking import TrackingUnavailable, open_tracker, tracking_problem
 
 log = logging.getLogger("meme_scale")
 
@@ -131,6 +131,10 @@ def setup(cfg: Config, stop: StopFlag, resume: str | None = None, config_path: s
         start_worker_server()  # imports in the background while the engine is set up
     info = init_distributed()
     _setup_logging(info)
+    # a tracking server that does not answer is an error now, on every rank, not after the whole setup
+    problem = tracking_problem(cfg.run.tracking_uri, cfg.run.tracking_required, Path(cfg.run.dir)) if info.is_main else None
+    if problem := broadcast_object(problem):
+        raise TrackingUnavailable(problem)
     hardware, precision = _choose_threads_and_precision(cfg, info)
     names = [s.name for s in modality_specs(cfg.model, read_meta(cfg.data.root))]
     engine, n_params = _build_engine(cfg, info, precision, names)
@@ -201,7 +205,7 @@ def _open_tracking(cfg: Config, info: DistInfo, state: State, run_id: str | None
     run_dir = Path(cfg.run.dir)
     tags = {"model": cfg.model.name, "world_size": info.world_size}
     tracker = open_tracker(info.is_main, cfg.run.tracking_uri, run_dir, cfg.run.experiment, cfg.run.run_name,
-                           run_id=state.run_id or run_id, tags=tags)
+                           run_id=state.run_id or run_id, tags=tags, required=cfg.run.tracking_required)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -212,8 +216,8 @@ def _open_tracking(cfg: Config, info: DistInfo, state: State, run_id: str | None
             if config_path:
                 tracker.log_artifact(config_path, "config")
         log.info("model %s: %s parameters; %d rank(s); mlflow run %s", cfg.model.name, f"{n_params:,}",
-                 info.world_size, tracker.run_id)  # fmt: skip
-    state.run_id = broadcast_object(tracker.run_id)
+                 info.world_size, tracker.run_ref)  # fmt: skip
+    state.run_id = broadcast_object(tracker.run_ref)  # the MLflow id, or the queue's key while the server is away
     return tracker
 
 
@@ -324,7 +328,7 @@ def finish(r: Run) -> dict:
     summary["parameter_digest_per_rank"] = all_gather_object(parameter_digest(r.engine.module))
     if not info.is_main:
         return summary
-    summary["final"] = _final_metrics(r.tracker)
+    summary["final"] = r.tracker.final_metrics()  # what this process logged: the server may be away
     if r.stopped_by:
         r.tracker.finish("KILLED")
     else:
@@ -332,9 +336,10 @@ def finish(r: Run) -> dict:
         r.tracker.log_artifact(export, "model")
         summary["export"] = str(export)
         r.tracker.finish("FINISHED")
+    summary.update(r.tracker.summary_fields())  # the MLflow id (if the server has created the run) and what is queued
     (r.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("done: step %d; checkpoint %s; mlflow run %s at %s; pictures %s; summary %s", state.step,
-             summary["checkpoint"], state.run_id, r.tracker.tracking_uri, r.run_dir / "pictures",
+             summary["checkpoint"], summary["mlflow_run_id"], r.tracker.tracking_uri, r.run_dir / "pictures",
              r.run_dir / "summary.json")  # fmt: skip
     if r.stopped_by:  # last: Slurm stops this job as soon as the requeue goes through
         if r.requeue:  # only for Slurm's USR1 warning: a user's scancel (TERM) must not requeue
@@ -352,7 +357,7 @@ def _record_failure(r: Run, error: BaseException) -> None:
     r.run_dir.joinpath("summary.json").write_text(json.dumps(
         {"status": "failed", "error": f"{type(error).__name__}: {error}", "step": r.state.step, "hardware": r.hardware,
          "nan_skipped": r.state.nan_skipped, "mlflow_run_id": r.state.run_id, "run_dir": str(r.run_dir),
-         "last_checkpoint": checkpoint.latest_tag(r.ckpt_dir)}, indent=2))  # fmt: skip
+         "last_checkpoint": checkpoint.latest_tag(r.ckpt_dir), **r.tracker.summary_fields()}, indent=2))  # fmt: skip
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -446,6 +451,8 @@ def _evaluate(r: Run) -> dict:
 
 
 def _save(r: Run) -> None:
+    if r.info.is_main:  # a run queued while its server was away has been created by now
+        r.state.run_id = r.tracker.run_ref
     meta = {**r.state.state_dict(), "world_size": r.info.world_size, "config": flatten(r.cfg)}
     meta.pop("step")  # checkpoint.save records the step itself
     checkpoint.save(r.engine, r.ckpt_dir, r.state.step, meta, r.info.rank, r.cfg.run.keep_checkpoints)
@@ -472,13 +479,6 @@ def parameter_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _final_metrics(tracker) -> dict:
-    client = getattr(tracker, "client", None)
-    if client is None:
-        return {}
-    return {k: v for k, v in client.get_run(tracker.run_id).data.metrics.items()}
 
 
 def _setup_logging(info: DistInfo) -> None:

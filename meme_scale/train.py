@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from meme_scale.engine import shutdown
     from meme_scale.loop import run
+    from meme_scale.tracking import TrackingUnavailable
 
-    run(cfg, resume=args.resume, config_path=args.config)
+    try:
+        run(cfg, resume=args.resume, config_path=args.config)
+    except TrackingUnavailable as e:  # one line, not a traceback: the user fixes a URL or starts a server
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     shutdown()
     return 0
 
