@@ -47,17 +47,15 @@ class _Transient(Exception):
 
 
 def protocol(url: str) -> str:
-    """"local", "pipe" or the fsspec protocol of a root or file URL ("file://" counts as local)."""
+    """"file" (a local path or file://), "pipe" or the fsspec protocol of a root or file URL."""
     if url.startswith("pipe:"):
         return "pipe"
     m = _URL.match(url)
-    if m is None or m.group(1).lower() == "file":
-        return "local"
-    return m.group(1).lower()
+    return "file" if m is None else m.group(1).lower()
 
 
 def is_remote(url: str) -> bool:
-    return protocol(url) != "local"
+    return protocol(url) != "file"
 
 
 def local_path(url: str) -> str:
@@ -68,7 +66,7 @@ def local_path(url: str) -> str:
 def join(root: str, name: str) -> str:
     """The URL of file ``name`` in the shard set at ``root``."""
     kind = protocol(root)
-    if kind == "local":
+    if kind == "file":
         return os.path.join(local_path(root), name)
     if kind == "pipe":
         command = root[len("pipe:"):]
@@ -84,7 +82,7 @@ def join(root: str, name: str) -> str:
 
 def basename(url: str) -> str:
     """Short name of a file URL for messages (a local file's name; a remote file's full URL)."""
-    return os.path.basename(url) if protocol(url) == "local" else url
+    return os.path.basename(url) if protocol(url) == "file" else url
 
 
 def _filesystem(url: str, options: dict) -> tuple[Any, str]:
@@ -101,11 +99,13 @@ def _filesystem(url: str, options: dict) -> tuple[Any, str]:
         kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(
             total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)})  # fmt: skip
     elif kind == "s3":
-        kwargs.setdefault("retries", 1)
         kwargs.setdefault("config_kwargs", {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
                                             "retries": {"total_max_attempts": 1}})  # fmt: skip
     try:
-        return url_to_fs(url, **kwargs)
+        fs, path = url_to_fs(url, **kwargs)
+        if kind == "s3":
+            fs.retries = 1  # s3fs retries 5 times with its own backoff; one policy (ours) is enough
+        return fs, path
     except ImportError as e:
         raise ImportError(f"{url}: protocol {kind!r} needs its fsspec package ({e})") from None
     except ValueError as e:
@@ -122,6 +122,8 @@ def _transient(e: BaseException) -> bool:
     status = getattr(e, "status", None)  # aiohttp's ClientResponseError
     if isinstance(status, int):
         return status >= 500 or status in (408, 429)
+    if isinstance(e, FileNotFoundError) and e.__cause__ is not None:
+        return _transient(e.__cause__)  # fsspec's HTTP reports "connection refused" as not found, with the cause
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return False
     if isinstance(e, (OSError, EOFError)):  # ConnectionError, TimeoutError, socket errors, s3fs's EIO for 5xx
@@ -156,15 +158,16 @@ class Storage:
             raise ValueError(f"Storage: need retries >= 1, retry_wait >= 0, cache_max_gb > 0; got {self}")
 
     # -- reading ----------------------------------------------------------------------------------
-    def open(self, url: str, version: str = "") -> BinaryIO:
-        """A buffered binary stream of the whole file; remote reads retry and may come from the cache.
+    def open(self, url: str, version: str | None = None) -> BinaryIO:
+        """A buffered binary stream of the whole file; remote reads retry.
 
-        ``version`` identifies the dataset publication (the reader passes meta.json's digest), so a
-        republished dataset never hits cached shards of the previous one.
+        Shards pass ``version``, the dataset's publication (meta.json's digest): they may come
+        from and go into the cache, and a republished dataset never hits the previous one's
+        entries. Without it (meta.json, sizes.json) the file is always fetched.
         """
         if not is_remote(url):
             return open(local_path(url), "rb")
-        cache = self._cache()
+        cache = self._cache() if version is not None else None
         if cache is not None:
             hit = cache.lookup(url, version)
             if hit is not None:
@@ -181,12 +184,19 @@ class Storage:
     def exists(self, url: str) -> bool | None:
         """Whether the file exists; None where that cannot be asked cheaply (pipe: commands)."""
         kind = protocol(url)
-        if kind == "local":
+        if kind == "file":
             return os.path.isfile(local_path(url))
         if kind == "pipe":
             return None
         fs, path = _filesystem(url, self.options)
-        return self.retrying(url, lambda: fs.isfile(path))
+
+        def info() -> bool:  # not fs.isfile: fsspec's HTTP version reads any failure (a 503 too) as "no"
+            try:
+                return fs.info(path).get("type", "file") == "file"
+            except FileNotFoundError:
+                return False
+
+        return self.retrying(url, info)
 
     def local_copy(self, url: str) -> str:
         """A local path holding the file (itself when local; else a copy in the cache or temp folder)."""
@@ -220,8 +230,9 @@ class Storage:
             raise e
         failures += 1
         if failures >= self.retries:
-            raise RemoteReadError(f"{url}: giving up after {failures} attempts over {time.monotonic() - started:.1f} s "
-                                  f"(last error: {type(e).__name__}: {e})") from e
+            cause = e.__cause__ if isinstance(e, FileNotFoundError) and e.__cause__ is not None else e
+            raise RemoteReadError(f"{url}: giving up after {failures} attempts over "
+                                  f"{time.monotonic() - started:.1f} s (last error: {type(cause).__name__}: {cause})") from e
         wait = min(self.retry_wait * 2 ** (failures - 1), MAX_WAIT)
         time.sleep(wait * random.Random().uniform(0.75, 1.25))  # a private RNG: training noise stays untouched
         return failures
@@ -266,6 +277,12 @@ class Storage:
         for name in sorted(old - set(names)):
             if name.endswith((".tar", ".json", ".model")):
                 self.retrying(url, lambda: fs.rm(f"{root}/{name}"))
+
+
+def storage_for(data_cfg: Any) -> Storage:
+    """The Storage a run's ``data`` config section asks for (duck-typed: data/ never imports config)."""
+    return Storage(retries=data_cfg.retries, retry_wait=data_cfg.retry_wait, cache_dir=data_cfg.cache_dir,
+                   cache_max_gb=data_cfg.cache_max_gb)
 
 
 class _Retrying(io.RawIOBase):
