@@ -1,6 +1,6 @@
 """Real servers for remote-shard tests, started as processes on 127.0.0.1 (imported as ``conftest_servers``).
 
-- ``HttpShards``: tests/http_shard_server.py serving a folder (GET with Range, HEAD); can be killed
+- ``HttpShards``: tools/serve_shards.py serving a folder (GET with Range, HEAD); can be killed
   and restarted on the same port.
 - ``S3Server``: moto's standalone S3-API server (``moto_server``, from ``moto[server]``), one bucket.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from meme_scale.engine import free_port
 
-HERE = Path(__file__).resolve().parent
+SERVE = Path(__file__).resolve().parent.parent / "tools" / "serve_shards.py"
 BIN = Path(sys.executable).parent
 
 
@@ -44,7 +44,7 @@ class HttpShards:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "http_shard_server.py"), self.root, str(self.port),
+        self.proc = subprocess.Popen([sys.executable, str(SERVE), self.root, str(self.port),
                                       *self.flags], stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
         wait_listening(self.port, self.proc)
 

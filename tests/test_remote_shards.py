@@ -12,7 +12,6 @@ import os
 import re
 import tempfile
 import threading
-import time
 from collections import Counter
 
 import numpy as np

@@ -30,6 +30,7 @@ import json
 import os
 import random
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -85,14 +86,16 @@ def _shard_names(meta: dict, split: str) -> list[str]:
     return names
 
 
-def shard_paths(root: str, split: str, storage: st.Storage | None = None) -> list[str]:
+def shard_paths(root: str, split: str, storage: st.Storage | None = None, meta: dict | None = None) -> list[str]:
     """Sorted shard paths (URLs for a remote root) of a split, from sizes.json; a listed shard that
     does not exist is an error (a pipe: root cannot be asked: its shards fail when read)."""
     storage = storage or st.Storage()
-    paths = [st.join(root, n) for n in _shard_names(read_meta(root, storage), split)]
-    for p in paths:
-        if storage.exists(p) is False:
-            raise FileNotFoundError(f"shard {p.rsplit('/', 1)[-1]} is listed in sizes.json but missing from {root}")
+    paths = [st.join(root, n) for n in _shard_names(meta or read_meta(root, storage), split)]
+    # remote: one request per shard, so ask many at once (thousands of shards stay a start-up of seconds)
+    with ThreadPoolExecutor(16 if st.is_remote(root) else 1) as pool:
+        for p, exists in zip(paths, pool.map(storage.exists, paths)):
+            if exists is False:
+                raise FileNotFoundError(f"shard {p.rsplit('/', 1)[-1]} is listed in sizes.json but missing from {root}")
     return paths
 
 
@@ -261,9 +264,11 @@ class _Producer(torch.utils.data.IterableDataset):
     def _raw(self, epoch: int) -> Iterator[Raw]:
         s = self.s
         names = _rank_shards(_shard_names(s.meta, s.split), s.world_size, s.seed, epoch)[s.rank]
+        urls = [st.join(s.root, n) for n in names]
+        openers = s.storage.prefetch(urls, s.meta["digest"])  # lazy: shard k+1 is fetched while k is read
         chain = itertools.chain.from_iterable(
-            iter_shard(st.join(s.root, n), s.meta["sizes"][n], s.fields, any_of=modality_fields(s.meta),
-                       storage=s.storage, version=s.meta["digest"]) for n in names)  # fmt: skip
+            iter_shard(url, s.meta["sizes"][n], s.fields, any_of=modality_fields(s.meta), opener=opener)
+            for n, url, opener in zip(names, urls, openers))  # fmt: skip
         return _shuffled(chain, s.shuffle_buffer, random.Random(_derive_seed("samples", s.seed, epoch, s.rank)))
 
     def produce(self, worker: int, num_workers: int) -> Iterator[tuple[int, int, dict]]:
@@ -314,7 +319,7 @@ class TrainStream:
         self.modalities = _check_modalities(self.meta, modalities)
         if observed_fraction < 1.0 and len(self.modalities) != 2:
             raise ValueError(f"observed_fraction < 1 needs exactly two modalities (s, t), got {self.modalities}")
-        shard_paths(root, split, self.storage)  # fail now if a listed shard is missing
+        shard_paths(root, split, self.storage, self.meta)  # fail now if a listed shard is missing
         self.rank, self.world_size, self.seed = rank, world_size, seed
         # Which samples are paired has its own seed, so runs with different training seeds can share one pattern.
         self.mask_seed = seed if mask_seed is None else mask_seed
@@ -373,7 +378,7 @@ def eval_batches(root: str, split: str, batch_size: int, *, modalities: list[str
     decoder = _Decoder(meta, modalities, root, storage)
     fields = required_fields(meta, modalities)
     tokenizers = tokenizer_paths(root, meta, modalities, storage)
-    paths = shard_paths(root, split, storage)
+    paths = shard_paths(root, split, storage, meta)
     sizes = [meta["sizes"][n] for n in _shard_names(meta, split)]
     total = sum(sizes)
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size

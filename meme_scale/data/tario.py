@@ -108,11 +108,13 @@ def _members(opener: Callable[[], BinaryIO]) -> Iterator[tuple[str, bytes]]:
 
 
 def iter_shard(path: str, expected: int | None = None, fields: Iterable[str] = (), *, any_of: Iterable[str] = (),
-               storage: st.Storage | None = None, version: str | None = None) -> Iterator[Raw]:  # fmt: skip
+               storage: st.Storage | None = None, version: str | None = None,
+               opener: Callable[[], BinaryIO] | None = None) -> Iterator[Raw]:  # fmt: skip
     """Raw samples of one tar in member order, grouped by key as webdataset does; never skips errors.
 
     ``path`` is a local path or a URL (see storage.py; ``storage`` sets retries and the cache,
-    ``version``, the dataset's meta.json digest, lets a remote shard use the cache). Raises ShardFormatError naming the shard for: an empty or
+    ``version``, the dataset's meta.json digest, lets a remote shard use the cache; ``opener``, from
+    ``Storage.prefetch``, replaces opening ``path`` directly). Raises ShardFormatError naming the shard for: an empty or
     truncated/corrupt tar, a duplicate field, a sample without one of ``fields`` or without any
     of ``any_of`` (a sample of an incomplete dataset has at least one modality), or (once the
     shard is exhausted) a sample count different from ``expected`` (sizes.json).
@@ -126,7 +128,7 @@ def iter_shard(path: str, expected: int | None = None, fields: Iterable[str] = (
             raise ShardFormatError(f"shard {name} is empty (0 bytes): {path}")
     storage = storage or st.Storage()
     fields, any_of, count, cur = list(fields), list(any_of), 0, None
-    members = _members(lambda: storage.open(path, version))
+    members = _members(opener or (lambda: storage.open(path, version)))
     while True:
         try:
             fname, data = next(members, (None, b""))

@@ -1,12 +1,14 @@
-"""A real HTTP server for shard-reading tests: serves a folder on 127.0.0.1 with GET (Range) and HEAD.
+#!/usr/bin/env python
+"""Serve a shard folder over HTTP with Range and HEAD, as object stores do (what data.root=http://... reads).
 
-    python tests/http_shard_server.py ROOT PORT [--fail-every N] [--reset-every N] [--log FILE]
+    python tools/serve_shards.py ROOT PORT [--host 127.0.0.1] [--fail-every N] [--reset-every N] [--log FILE]
 
-Python's http.server answers neither Range nor HEAD sizes the way an object store does, so this
-handler does (what fsspec's HTTP reader asks for). For retry tests it can misbehave on purpose:
-``--fail-every N`` answers every N-th GET with 503; ``--reset-every N`` sends half of every N-th
-GET's body and then drops the connection. ``--log`` appends one "GET path" line per GET served.
-Prints "ready" once it listens.
+Then ``data.root=http://HOST:PORT/<dataset folder>``. Python's own http.server answers neither
+Range requests nor HEAD sizes the way the reader (fsspec) needs; this handler does. It binds
+127.0.0.1 unless told otherwise. The tests and tools/bench_data.py start it as a real server;
+for retry tests it can misbehave on purpose: ``--fail-every N`` answers every N-th GET with 503,
+``--reset-every N`` sends half of every N-th GET's body and then drops the connection. ``--log``
+appends one "GET path" line per GET served. Prints "ready" once it listens.
 """
 from __future__ import annotations
 
@@ -103,11 +105,12 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("root")
     p.add_argument("port", type=int)
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--fail-every", type=int, default=0)
     p.add_argument("--reset-every", type=int, default=0)
     p.add_argument("--log")
     args = p.parse_args()
-    server = _Server(("127.0.0.1", args.port), make_handler(args.root, args.fail_every, args.reset_every, args.log))
+    server = _Server((args.host, args.port), make_handler(args.root, args.fail_every, args.reset_every, args.log))
     server.daemon_threads = True
     print("ready", flush=True)
     server.serve_forever()
