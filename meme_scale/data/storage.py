@@ -23,10 +23,8 @@ import functools
 import io
 import os
 import random
-import re
 import shlex
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,29 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-BLOCK = 8 << 20  # fsspec read-ahead block: a typical shard arrives in one or two range requests
-BUFFER = 1 << 20
+from .remote import BUFFER, RemoteReadError, Retrying, filesystem, open_source, protocol, transient
+
 SPOOL_BYTES = 64 << 20  # a prefetched shard beyond this goes to a temporary file
 MAX_WAIT = 30.0
-CONNECT_TIMEOUT, READ_TIMEOUT = 10, 60  # seconds; a stalled server becomes a retried timeout
 T = TypeVar("T")
 
-
-class RemoteReadError(OSError):
-    """A remote read failed for good; the message names the URL, the attempts and the last error."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying that the libraries do not raise themselves (short read, dead command)."""
-
-
-def protocol(url: str) -> str:
-    """"file" (a local path or file://), "pipe" or the fsspec protocol of a root or file URL."""
-    if url.startswith("pipe:"):
-        return "pipe"
-    m = _URL.match(url)
-    return "file" if m is None else m.group(1).lower()
+__all__ = ["RemoteReadError", "Storage", "basename", "is_remote", "join", "local_path", "protocol", "storage_for"]
 
 
 def is_remote(url: str) -> bool:
@@ -88,59 +70,6 @@ def join(root: str, name: str) -> str:
 def basename(url: str) -> str:
     """Short name of a file URL for messages (a local file's name; a remote file's full URL)."""
     return os.path.basename(url) if protocol(url) == "file" else url
-
-
-def _filesystem(url: str, options: dict) -> tuple[Any, str]:
-    """(fsspec filesystem, path) with timeouts set and the library's own retries off (we retry)."""
-    try:
-        from fsspec.core import url_to_fs
-    except ImportError as e:
-        raise ImportError(f"{url}: reading URLs needs fsspec (pip install fsspec): {e}") from None
-    kind = protocol(url)
-    kwargs = dict(options.get(kind, {}))
-    if kind in ("http", "https"):
-        import aiohttp
-
-        kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(
-            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)})  # fmt: skip
-    elif kind == "s3":
-        kwargs.setdefault("config_kwargs", {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
-                                            "retries": {"total_max_attempts": 1}})  # fmt: skip
-    try:
-        fs, path = url_to_fs(url, **kwargs)
-        if kind == "s3":
-            fs.retries = 1  # s3fs retries 5 times with its own backoff; one policy (ours) is enough
-        return fs, path
-    except ImportError as e:
-        raise ImportError(f"{url}: protocol {kind!r} needs its fsspec package ({e})") from None
-    except ValueError as e:
-        known = "file, http(s), s3 (with s3fs) and the other fsspec protocols"
-        raise ValueError(f"{url}: unknown protocol {kind!r} ({e}); known: {known}, or pipe:COMMAND") from None
-
-
-def _transient(e: BaseException) -> bool:
-    """Connection resets, timeouts, 5xx, 408/429, short reads and dead commands: worth another try."""
-    if isinstance(e, RemoteReadError):
-        return False
-    if isinstance(e, _Transient):
-        return True
-    status = getattr(e, "status", None)  # aiohttp's ClientResponseError
-    if isinstance(status, int):
-        return status >= 500 or status in (408, 429)
-    if isinstance(e, FileNotFoundError) and e.__cause__ is not None:
-        return _transient(e.__cause__)  # fsspec's HTTP reports "connection refused" as not found, with the cause
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
-        return False
-    if isinstance(e, (OSError, EOFError)):  # ConnectionError, TimeoutError, socket errors, s3fs's EIO for 5xx
-        return True
-    module = type(e).__module__.split(".")[0]
-    if module == "aiohttp":  # payload errors, server disconnects
-        return True
-    if module in ("botocore", "aiobotocore", "urllib3"):
-        names = {c.__name__ for c in type(e).__mro__}
-        return bool(names & {"ConnectionError", "HTTPClientError", "IncompleteReadError", "ResponseStreamingError",
-                             "ProtocolError", "ReadTimeoutError"})  # fmt: skip
-    return False
 
 
 @dataclass
@@ -177,7 +106,7 @@ class Storage:
             hit = cache.lookup(url, version)
             if hit is not None:
                 return open(hit, "rb")
-        raw: io.RawIOBase = _Retrying(url, self._source(url), self)
+        raw: io.RawIOBase = Retrying(url, open_source(url, self.options), self)
         if cache is not None:
             raw = cache.tee(raw, url, version)
         return io.BufferedReader(raw, buffer_size=BUFFER)
@@ -224,7 +153,7 @@ class Storage:
             return os.path.isfile(local_path(url))
         if kind == "pipe":
             return None
-        fs, path = _filesystem(url, self.options)
+        fs, path = filesystem(url, self.options)
 
         def info() -> bool:  # not fs.isfile: fsspec's HTTP version reads any failure (a 503 too) as "no"
             try:
@@ -261,7 +190,7 @@ class Storage:
 
     def failed(self, url: str, e: BaseException, failures: int, started: float) -> int:
         """Count one failure: wait and return the new count, or raise if it is permanent or the last."""
-        if not _transient(e):
+        if not transient(e):
             raise e
         failures += 1
         if failures >= self.retries:
@@ -280,9 +209,6 @@ class Storage:
 
         return ShardCache(self.cache_dir, int(self.cache_max_gb * 2**30))
 
-    def _source(self, url: str):
-        return _PipeSource(url) if protocol(url) == "pipe" else _FsspecSource(url, self.options)
-
     # -- writing (converters publish a finished local folder) ---------------------------------------
     def publish(self, folder: str, url: str, overwrite: bool) -> None:
         """Upload a written and validated local shard folder to ``url``, meta.json last.
@@ -293,7 +219,7 @@ class Storage:
         """
         if protocol(url) == "pipe":
             raise ValueError(f"{url}: a pipe: URL can be read from, not written to")
-        fs, root = _filesystem(url, self.options)
+        fs, root = filesystem(url, self.options)
         root = root.rstrip("/")
         meta = f"{root}/meta.json"
         old: set[str] = set()
@@ -332,112 +258,3 @@ class _Once:
         return future.result() if future is not None else self.reopen()
 
 
-class _Retrying(io.RawIOBase):
-    """A remote file as a raw stream that survives transient failures by reopening at its position."""
-
-    def __init__(self, url: str, source, storage: Storage):
-        super().__init__()
-        self.url, self.source, self.storage = url, source, storage
-        self.pos, self.size, self.f = 0, None, None
-        self.failures, self.started = 0, time.monotonic()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        while True:
-            try:
-                if self.f is None:
-                    self.f, size = self.source.open_at(self.pos)
-                    if self.size is not None and size is not None and size != self.size:
-                        raise RemoteReadError(f"{self.url} changed while being read ({self.size} bytes, now {size})")
-                    self.size = size if size is not None else self.size
-                n = self.f.readinto(buf)
-                if not n:
-                    if self.size is not None and self.pos < self.size:
-                        raise _Transient(f"connection ended at byte {self.pos} of {self.size}")
-                    self.source.check_end(self.f)
-                    return 0
-                self.pos += n
-                self.failures = 0
-                return n
-            except Exception as e:
-                self._drop()
-                self.failures = self.storage.failed(self.url, e, self.failures, self.started)
-
-    def _drop(self) -> None:
-        f, self.f = self.f, None
-        if f is not None:
-            try:
-                f.close()
-            except Exception:  # closing a broken connection may fail too; it is gone either way
-                pass
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
-
-
-class _FsspecSource:
-    """Opens an fsspec file at a byte position (a range request on HTTP and S3)."""
-
-    def __init__(self, url: str, options: dict):
-        self.url, self.options = url, options
-        self.fs = self.path = None
-
-    def open_at(self, pos: int) -> tuple[Any, int | None]:
-        if self.fs is None:
-            self.fs, self.path = _filesystem(self.url, self.options)
-        f = self.fs.open(self.path, "rb", block_size=BLOCK)
-        if pos:
-            f.seek(pos)
-        return f, getattr(f, "size", None)
-
-    def check_end(self, f) -> None:
-        pass
-
-
-class _PipeSource:
-    """Runs the command of a ``pipe:`` URL; reopening at byte n reruns it and skips n bytes."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.argv = shlex.split(url[len("pipe:"):])
-        if not self.argv:
-            raise ValueError(f"{url!r}: a pipe: URL needs a command")
-
-    def open_at(self, pos: int) -> tuple[Any, None]:
-        try:
-            proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.url}: command {self.argv[0]!r} not found") from None
-        f = _PipeFile(proc)
-        while pos:
-            skipped = len(f.read(min(pos, BUFFER)))
-            if not skipped:
-                self.check_end(f)
-                raise _Transient(f"output ended after {pos} fewer bytes than before")
-            pos -= skipped
-        return f, None
-
-    def check_end(self, f: "_PipeFile") -> None:
-        code = f.proc.wait()
-        if code != 0:
-            raise _Transient(f"command exited with status {code}")
-
-
-class _PipeFile:
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-
-    def read(self, n: int) -> bytes:
-        return self.proc.stdout.read(n)
-
-    def readinto(self, buf) -> int:
-        return self.proc.stdout.readinto(buf)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.stdout.close()
-        self.proc.wait()

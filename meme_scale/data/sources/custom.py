@@ -191,7 +191,8 @@ def _read_array_folder(folder: str, declared: dict[str, str]) -> tuple[dict[str,
     observed_path = os.path.join(folder, "observed.npy")
     if os.path.isfile(observed_path):
         observed = np.asarray(_load_npy(observed_path))
-        flags = observed.dtype == np.bool_ or (np.issubdtype(observed.dtype, np.integer) and np.isin(observed, (0, 1)).all())
+        integer = np.issubdtype(observed.dtype, np.integer)
+        flags = observed.dtype == np.bool_ or (integer and np.isin(observed, (0, 1)).all())
         if observed.ndim != 2 or observed.shape[1] != len(arrays) or not flags:
             raise ValueError(f"{observed_path}: must be bool [N, {len(arrays)}] (one column per modality, in modality "
                              f"order), got {observed.dtype} {list(observed.shape)}")  # fmt: skip
