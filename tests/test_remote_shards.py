@@ -22,7 +22,7 @@ from conftest_servers import HttpShards, S3Server
 from sources_cli import cli
 
 from meme_scale.data import storage as st
-from meme_scale.data.shards import TrainStream, read_meta, steps_per_epoch
+from meme_scale.data.shards import TrainStream, eval_batches, read_meta, steps_per_epoch
 from meme_scale.data.sources import fakeraw
 from meme_scale.data.writer import ShardWriter, validate_dataset
 
@@ -179,7 +179,7 @@ def test_pipe_and_file_urls_read_like_the_folder(shards) -> None:
 
 
 def test_converter_writes_to_s3_and_readers_get_the_same_dataset(tmp_path, capsys, monkeypatch, s3) -> None:
-    fakeraw.arrays_folder(str(tmp_path / "arr"), n=40, caption=False)
+    fakeraw.arrays_folder(str(tmp_path / "arr"), n=40, caption=True)  # captions: the tokenizer is read remotely too
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     url = f"s3://{s3.bucket}/custom"
@@ -190,9 +190,12 @@ def test_converter_writes_to_s3_and_readers_get_the_same_dataset(tmp_path, capsy
     assert res.returncode == 0 and res.stdout.startswith("custom: 36 train + 4 test samples"), res
     local, remote = read_meta(str(tmp_path / "local")), read_meta(url)
     assert {k: v for k, v in remote.items() if k != "source"} == {k: v for k, v in local.items() if k != "source"}
-    s = dict(modalities=["pic", "vec"], rank=0, world_size=1, seed=0, observed_fraction=1.0, missing="either")
-    ref = [b["key"] for _, _, b in itertools.islice(TrainStream(str(tmp_path / "local"), "train", 8, **s), 4)]
-    assert [b["key"] for _, _, b in itertools.islice(TrainStream(url, "train", 8, **s), 4)] == ref
+    s = dict(modalities=["pic", "text"], rank=0, world_size=1, seed=0, observed_fraction=1.0, missing="either")
+    ref = [b["text"] for _, _, b in itertools.islice(TrainStream(str(tmp_path / "local"), "train", 8, **s), 4)]
+    got = [b["text"] for _, _, b in itertools.islice(TrainStream(url, "train", 8, **s), 4)]
+    assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(ref, got))
+    batch = next(eval_batches(url, "test", 4, modalities=["pic", "text"], rank=0, world_size=1))
+    assert os.path.isfile(batch["tokenizers"]["text"])  # a local copy, for turning generated ids into text
     res = cli(capsys, *args, "--out", url)
     assert res.returncode == 1 and f"{url} already exists; pass overwrite=True (--overwrite)" in res.stderr
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "meme_scale-custom-*"))) == staging, "staging removed"

@@ -225,7 +225,7 @@ def tokenizer_paths(root: str, meta: dict, modalities: Iterable[str],
     """{caption modality: absolute local path of its tokenizer model} (for decoding generated captions;
     a remote model is copied to the cache or a temporary folder first)."""
     storage = storage or st.Storage()
-    return {m: os.path.abspath(storage.local_copy(st.join(root, meta["modalities"][m]["tokenizer"])))
+    return {m: os.path.abspath(storage.local_copy(st.join(root, meta["modalities"][m]["tokenizer"]), meta["digest"]))
             for m in modalities if meta["modalities"][m]["kind"] == "caption"}
 
 

@@ -26,9 +26,9 @@ import random
 import shlex
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
@@ -127,17 +127,12 @@ class Storage:
         if not any(is_remote(u) for u in urls):
             yield from (functools.partial(self.open, u) for u in urls)
             return
-        pool, ahead = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch"), None
-        try:
-            ahead = pool.submit(self._spool, urls[0], version) if urls else None
-            for k, url in enumerate(urls):
-                current = ahead
-                ahead = pool.submit(self._spool, urls[k + 1], version) if k + 1 < len(urls) else None
-                yield _Once(current, functools.partial(self.open, url, version))
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-            if ahead is not None and ahead.done() and ahead.exception() is None:
-                ahead.result().close()
+        # Left early (end of an epoch's steps), a fetch still running just ends in its daemon thread.
+        ahead = _Background(self._spool, urls[0], version) if urls else None
+        for k, url in enumerate(urls):
+            current = ahead
+            ahead = _Background(self._spool, urls[k + 1], version) if k + 1 < len(urls) else None
+            yield _Once(current, functools.partial(self.open, url, version))
 
     def _spool(self, url: str, version: str | None) -> BinaryIO:
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=self.cache_dir or None)
@@ -163,15 +158,17 @@ class Storage:
 
         return self.retrying(url, info)
 
-    def local_copy(self, url: str) -> str:
-        """A local path holding the file (itself when local; else a copy in the cache or temp folder)."""
+    def local_copy(self, url: str, version: str = "") -> str:
+        """A local path holding the file (itself when local; else a copy in the cache or temp folder,
+        keyed by URL and ``version``, the dataset's meta.json digest)."""
         if not is_remote(url):
             return local_path(url)
         import hashlib
 
         folder = self.cache_dir or os.path.join(tempfile.gettempdir(), f"meme_scale-{os.getuid()}")
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, hashlib.sha256(url.encode()).hexdigest()[:24] + "-" + url.rsplit("/", 1)[-1])
+        digest = hashlib.sha256(f"{url}\n{version}".encode()).hexdigest()[:24]
+        path = os.path.join(folder, f"{digest}-{url.rsplit('/', 1)[-1]}")
         if not os.path.isfile(path):
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
@@ -245,6 +242,27 @@ def storage_for(data_cfg: Any) -> Storage:
     """The Storage a run's ``data`` config section asks for (duck-typed: data/ never imports config)."""
     return Storage(retries=data_cfg.retries, retry_wait=data_cfg.retry_wait, cache_dir=data_cfg.cache_dir,
                    cache_max_gb=data_cfg.cache_max_gb)
+
+
+class _Background(threading.Thread):
+    """``fn(*args)`` in a daemon thread (a fetch stuck in retries must not hold up the process's exit)."""
+
+    def __init__(self, fn: Callable, *args: Any):
+        super().__init__(name="shard-prefetch", daemon=True)
+        self.fn, self.args, self.value, self.error = fn, args, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as e:  # handed to the reader, which raises it where the shard is read
+            self.error = e
+
+    def result(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class _Once:
