@@ -53,6 +53,11 @@ class DataConfig:
     missing: str = "either"  # which modality an unpaired sample keeps hidden: s | t | either
     mask_seed: int = 0  # which samples are paired; separate from train.seed so seeds share one pattern
     num_workers: int = 1
+    # root may be a URL (http(s)://, s3://, pipe:COMMAND; data/storage.py): retries, and a local shard cache
+    retries: int = 8  # attempts per shard before a remote read fails, naming the URL
+    retry_wait: float = 1.0  # seconds before the first retry, doubling up to 30
+    cache_dir: str = ""  # "": no cache; else fetched shards are kept here
+    cache_max_gb: float = 20.0  # the cache's size bound (least recently used shards leave first)
 
 
 @dataclass
@@ -130,7 +135,8 @@ CHOICES = {
 }
 POSITIVE = {"model.latent_dim", "model.pseudo_samples", "model.mmvae_k", "train.micro_batch_size",
             "train.grad_accum", "train.max_steps", "train.max_consecutive_nan", "run.log_every", "run.eval_every",
-            "run.checkpoint_every", "run.keep_checkpoints", "optim.lr", "eval.cca_components", "eval.cca_train_samples"}  # fmt: skip
+            "run.checkpoint_every", "run.keep_checkpoints", "optim.lr", "eval.cca_components", "eval.cca_train_samples",
+            "data.retries", "data.retry_wait", "data.cache_max_gb"}  # fmt: skip
 
 
 # -- loading ------------------------------------------------------------------------------------

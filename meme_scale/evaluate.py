@@ -59,7 +59,7 @@ def metric_names(cfg, meta: dict, kinds: dict[str, str]) -> set[str]:
     modality's classifier exists; CCA coherence for an image-caption pair with word vectors.
     """
     s, t = kinds
-    names = {"eval/w2_paired", "eval/w2_mismatched"}
+    names = {"eval/w2_paired", "eval/w2_mismatched", "eval/complete_pairs"}
     if meta.get("label"):
         names |= {f"eval/latent_accuracy_{m}" for m in kinds}
         if all(p.is_file() for p in classifier_paths(cfg, kinds).values()):
@@ -177,6 +177,7 @@ class Evaluator:
         total, cca_total = all_reduce_sum(sums).tolist(), all_reduce_sum(cca_sums).tolist()
 
         out = {f"eval/{k}": a / c for k, (a, c) in zip(names, total) if c > 0}
+        out["eval/complete_pairs"] = total[0][1]  # eval_batches yields complete pairs only: how many were evaluated
         if self.classifiers is not None:
             for key, (a, c) in zip((f"coherence_{s}_to_{t}", f"coherence_{t}_to_{s}", "coherence_joint"), total[-3:]):
                 out[f"eval/{key}"] = a / max(c, 1)

@@ -16,51 +16,65 @@ ShardWriter writes) are parsed directly, ~4x faster than tarfile; others go thro
 Images cross the worker boundary as uint8 and become float32 in the consumer (4x less IPC).
 Captions are stored as text (``caption.txt``) and tokenised here with the sentencepiece model
 stored beside the shards (meta.json names it): int64 [B, 32] ids, pad where not observed.
-The tar layer itself (members, grouping by key, its errors) lives in ``tario.py``.
+The tar layer itself (members, grouping by key, its errors) lives in ``tario.py``; where the bytes
+come from (local folder, http(s), s3, pipe:, with retries and a cache) in ``storage.py``; the
+worker processes in ``workers.py``. Samples of an incomplete dataset hold only the modalities
+they have (``patterns.py``): ``observed`` is false for an absent one, whose field is zero-filled.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import itertools
 import json
 import os
 import random
-import signal
-import threading
-import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import storage as st
 from .masks import check_args, observation_for_keys
+from .patterns import absent_modalities, available_samples, present_mask
 from .tario import Raw, ShardFormatError, iter_shard  # noqa: F401  (re-exported: the reader's public API)
 from .tokenizer import Tokenizer
+from .workers import start_worker_server, worker_batches  # noqa: F401  (start_worker_server: the loop's import)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 DECODABLE_KINDS = ("image", "vector", "caption")
 
 
-def _load_json(path: str) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{os.path.basename(path)} not found in {os.path.dirname(path) or '.'}: "
-                                "a shard folder needs meta.json and sizes.json (write it with tools/make_shards.py)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _load_json(root: str, name: str, storage: st.Storage) -> tuple[Any, bytes]:
+    url = st.join(root, name)
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name} not found in {root or '.'}: a shard folder needs meta.json and sizes.json "
+                                "(write it with tools/make_shards.py)") from None
+    try:
+        return json.loads(data), data
+    except ValueError as e:
+        raise ValueError(f"{url}: not valid JSON ({e})") from None
 
 
-def read_meta(root: str) -> dict:
-    """meta.json with sizes.json attached as meta["sizes"] ({shard file name: samples})."""
-    meta = _load_json(os.path.join(root, "meta.json"))
+def read_meta(root: str, storage: st.Storage | None = None) -> dict:
+    """meta.json with sizes.json attached as meta["sizes"] ({shard file name: samples}).
+
+    ``root`` is a folder or URL (storage.py). meta["digest"] identifies this publication of the
+    dataset (it keys the shard cache).
+    """
+    storage = storage or st.Storage()
+    meta, data = _load_json(root, "meta.json", storage)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{root}/meta.json: format_version {meta.get('format_version')!r}, "
                          f"this reader understands {FORMAT_VERSION}")
-    meta["sizes"] = _load_json(os.path.join(root, "sizes.json"))
+    meta["sizes"] = _load_json(root, "sizes.json", storage)[0]
+    meta["digest"] = hashlib.sha256(data).hexdigest()[:16]
     return meta
 
 
@@ -72,19 +86,30 @@ def _shard_names(meta: dict, split: str) -> list[str]:
     return names
 
 
-def shard_paths(root: str, split: str) -> list[str]:
-    """Sorted shard paths of a split, from sizes.json; a listed shard missing on disk is an error."""
-    paths = [os.path.join(root, n) for n in _shard_names(read_meta(root), split)]
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"shard {os.path.basename(p)} is listed in sizes.json but missing from {root}")
+def shard_paths(root: str, split: str, storage: st.Storage | None = None, meta: dict | None = None) -> list[str]:
+    """Sorted shard paths (URLs for a remote root) of a split, from sizes.json; a listed shard that
+    does not exist is an error (a pipe: root cannot be asked: its shards fail when read)."""
+    storage = storage or st.Storage()
+    paths = [st.join(root, n) for n in _shard_names(meta or read_meta(root, storage), split)]
+    # remote: one request per shard, so ask many at once (thousands of shards stay a start-up of seconds)
+    with ThreadPoolExecutor(16 if st.is_remote(root) else 1) as pool:
+        for p, exists in zip(paths, pool.map(storage.exists, paths)):
+            if exists is False:
+                raise FileNotFoundError(f"shard {p.rsplit('/', 1)[-1]} is listed in sizes.json but missing from {root}")
     return paths
 
 
 def required_fields(meta: dict, modalities: Iterable[str]) -> list[str]:
-    """Tar fields every sample must carry for these modalities (plus the label field, if any)."""
-    fields = [meta["modalities"][m]["field"] for m in modalities]
+    """Tar fields every sample must carry for these modalities (plus the label field, if any);
+    the field of a modality that some samples truly lack is not required."""
+    optional = absent_modalities(meta)
+    fields = [meta["modalities"][m]["field"] for m in modalities if m not in optional]
     return fields + ([meta["label"]["field"]] if meta.get("label") else [])
+
+
+def modality_fields(meta: dict) -> list[str]:
+    """Every modality's field: a stored sample holds at least one of them."""
+    return [spec["field"] for spec in meta["modalities"].values()]
 
 
 def _derive_seed(*parts: object) -> int:
@@ -128,14 +153,15 @@ def _shuffled(samples: Iterable[Raw], bufsize: int, rng: random.Random) -> Itera
 class _Decoder:
     """Raw samples -> batch dict; shape checks name shard, key, modality and both shapes."""
 
-    def __init__(self, meta: dict, modalities: list[str], root: str):
+    def __init__(self, meta: dict, modalities: list[str], root: str, storage: st.Storage | None = None):
         self.specs = [(m, meta["modalities"][m]) for m in modalities]
+        self.fields = [spec["field"] for _, spec in self.specs]
         self.tokenizers: dict[str, Tokenizer] = {}
         for m, spec in self.specs:
             if spec["kind"] not in DECODABLE_KINDS:
                 raise ValueError(f"modality {m!r} has kind {spec['kind']!r}; this reader decodes {DECODABLE_KINDS}")
             if spec["kind"] == "caption":
-                self.tokenizers[m] = load_tokenizer(root, meta, m)
+                self.tokenizers[m] = load_tokenizer(root, meta, m, storage)
         self.label_field = meta["label"]["field"] if meta.get("label") else None
 
     def _one(self, raw: Raw, name: str, spec: dict) -> np.ndarray:
@@ -159,9 +185,14 @@ class _Decoder:
         return a
 
     def __call__(self, raws: list[Raw], observed: np.ndarray) -> dict:
+        """``observed`` [B, M] must already be false where a sample lacks the modality."""
         batch: dict[str, Any] = {}
         for col, (name, spec) in enumerate(self.specs):
-            arr = np.stack([self._one(r, name, spec) for r in raws])
+            dtype = {"image": np.uint8, "caption": np.int64}.get(spec["kind"], np.float32)
+            arr = np.zeros((len(raws), *spec["shape"]), dtype=dtype)
+            for i, r in enumerate(raws):
+                if spec["field"] in r:  # a truly absent modality stays zero-filled
+                    arr[i] = self._one(r, name, spec)
             # hidden data never leaves the reader (captions: all pad, which carries no likelihood)
             arr[~observed[:, col]] = spec.get("pad_id", 0) if spec["kind"] == "caption" else 0
             batch[name] = torch.from_numpy(arr)  # images stay uint8 until to_float (4x less IPC)
@@ -174,12 +205,13 @@ class _Decoder:
         return batch
 
 
-def load_tokenizer(root: str, meta: dict, modality: str) -> Tokenizer:
+def load_tokenizer(root: str, meta: dict, modality: str, storage: st.Storage | None = None) -> Tokenizer:
     """The tokenizer of a caption modality, checked against meta.json's ids and vocabulary size."""
     spec = meta["modalities"][modality]
     if not spec.get("tokenizer"):
         raise ValueError(f"{root}/meta.json: caption modality {modality!r} names no tokenizer file")
-    tok = Tokenizer.load(os.path.join(root, spec["tokenizer"]))
+    url = st.join(root, spec["tokenizer"])
+    tok = Tokenizer((storage or st.Storage()).read_bytes(url), source=url) if st.is_remote(url) else Tokenizer.load(url)
     info = tok.info()
     wrong = {k: (spec.get(k), v) for k, v in info.items() if spec.get(k) != v}
     if wrong:
@@ -188,9 +220,12 @@ def load_tokenizer(root: str, meta: dict, modality: str) -> Tokenizer:
     return tok
 
 
-def tokenizer_paths(root: str, meta: dict, modalities: Iterable[str]) -> dict[str, str]:
-    """{caption modality: absolute path of its tokenizer model} (for decoding generated captions)."""
-    return {m: os.path.abspath(os.path.join(root, meta["modalities"][m]["tokenizer"]))
+def tokenizer_paths(root: str, meta: dict, modalities: Iterable[str],
+                    storage: st.Storage | None = None) -> dict[str, str]:  # fmt: skip
+    """{caption modality: absolute local path of its tokenizer model} (for decoding generated captions;
+    a remote model is copied to the cache or a temporary folder first)."""
+    storage = storage or st.Storage()
+    return {m: os.path.abspath(storage.local_copy(st.join(root, meta["modalities"][m]["tokenizer"]), meta["digest"]))
             for m in modalities if meta["modalities"][m]["kind"] == "caption"}
 
 
@@ -229,8 +264,11 @@ class _Producer(torch.utils.data.IterableDataset):
     def _raw(self, epoch: int) -> Iterator[Raw]:
         s = self.s
         names = _rank_shards(_shard_names(s.meta, s.split), s.world_size, s.seed, epoch)[s.rank]
+        urls = [st.join(s.root, n) for n in names]
+        openers = s.storage.prefetch(urls, s.meta["digest"])  # lazy: shard k+1 is fetched while k is read
         chain = itertools.chain.from_iterable(
-            iter_shard(os.path.join(s.root, n), s.meta["sizes"][n], s.fields) for n in names)
+            iter_shard(url, s.meta["sizes"][n], s.fields, any_of=modality_fields(s.meta), opener=opener)
+            for n, url, opener in zip(names, urls, openers))  # fmt: skip
         return _shuffled(chain, s.shuffle_buffer, random.Random(_derive_seed("samples", s.seed, epoch, s.rank)))
 
     def produce(self, worker: int, num_workers: int) -> Iterator[tuple[int, int, dict]]:
@@ -248,46 +286,47 @@ class _Producer(torch.utils.data.IterableDataset):
                     raws = list(itertools.islice(raw, B))
                     if len(raws) < B:
                         raise ShardFormatError(f"epoch {epoch} rank {s.rank}: stream ended at batch {j}")
-                    keys = [r["__key__"] for r in raws]
-                    yield epoch, j, s.decoder(raws, s.mask(keys))
+                    observed = s.mask([r["__key__"] for r in raws]) & present_mask(raws, s.decoder.fields)
+                    yield epoch, j, s.decoder(raws, observed)
                     pos = j + 1
             n += steps - first
             epoch, first = epoch + 1, 0
-
-
-def _identity(x: Any) -> Any:
-    return x
 
 
 class TrainStream:
     """Infinite training batches ``(epoch, batch_index_in_epoch, batch)`` for one rank.
 
     ``batch``: {modality: float32 tensor ([B,C,H,W] images in [0,1], [B,D] vectors; zero where
-    not observed) or int64 [B, T] caption ids (pad where not observed), "observed": bool [B, M] in the order of ``modalities`` (s, t), "label": int64
-    [B] (-1 without labels), "key": list of str}. Restarting with (start_epoch, start_batch) =
-    the position after the last consumed batch reproduces the uninterrupted sequence exactly.
+    not observed) or int64 [B, T] caption ids (pad where not observed), "observed": bool [B, M] in
+    the order of ``modalities`` (s, t): the simulated mask (DESIGN 1.3) and the sample really
+    holding the modality, "label": int64 [B] (-1 without labels), "key": list of str}. Restarting
+    with (start_epoch, start_batch) = the position after the last consumed batch reproduces the
+    uninterrupted sequence exactly. ``root`` is a folder or URL; ``storage`` (storage.Storage) sets
+    retries and the shard cache for a remote one.
     """
 
     def __init__(self, root: str, split: str, batch_size: int, *, modalities: list[str], rank: int,
                  world_size: int, seed: int, observed_fraction: float, missing: str, num_workers: int = 0,
-                 start_epoch: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, mask_seed: int | None = None):
+                 start_epoch: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, mask_seed: int | None = None,
+                 storage: st.Storage | None = None):  # fmt: skip
         check_args(observed_fraction, missing)
         _check_rank(rank, world_size)
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or start_epoch < 0 or start_batch < 0:
             raise ValueError("batch_size and shuffle_buffer must be >= 1; num_workers, start_epoch, start_batch >= 0")
         self.root, self.split, self.batch_size = root, split, batch_size
-        self.meta = read_meta(root)
+        self.storage = storage or st.Storage()
+        self.meta = read_meta(root, self.storage)
         self.modalities = _check_modalities(self.meta, modalities)
         if observed_fraction < 1.0 and len(self.modalities) != 2:
             raise ValueError(f"observed_fraction < 1 needs exactly two modalities (s, t), got {self.modalities}")
-        shard_paths(root, split)  # fail now if a listed shard is missing
+        shard_paths(root, split, self.storage, self.meta)  # fail now if a listed shard is missing
         self.rank, self.world_size, self.seed = rank, world_size, seed
         # Which samples are paired has its own seed, so runs with different training seeds can share one pattern.
         self.mask_seed = seed if mask_seed is None else mask_seed
         self.observed_fraction, self.missing = float(observed_fraction), missing
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.fields = required_fields(self.meta, self.modalities)
-        self.decoder = _Decoder(self.meta, self.modalities, root)
+        self.decoder = _Decoder(self.meta, self.modalities, root, self.storage)
         steps = self.steps_per_epoch(start_epoch)
         if start_batch > steps:
             raise ValueError(f"start_batch {start_batch} is past the end of epoch {start_epoch} ({steps} batches)")
@@ -303,118 +342,54 @@ class TrainStream:
         return steps
 
     def mask(self, keys: list[str]) -> np.ndarray:
-        """Observation mask [B, M] (DESIGN 1.3); all observed for a single modality."""
+        """Simulated observation mask [B, M] (DESIGN 1.3); all observed for a single modality.
+        (A batch's ``observed`` is this AND what the samples really hold.)"""
         if len(self.modalities) != 2:
             return np.ones((len(keys), len(self.modalities)), dtype=bool)
         return observation_for_keys(keys, self.mask_seed, self.observed_fraction, self.missing)
 
     def __iter__(self) -> Iterator[tuple[int, int, dict]]:
         producer = _Producer(self)
-        if self.num_workers:
-            start_worker_server()
-        if self.num_workers == 0:
-            for epoch, j, batch in producer.produce(0, 1):
-                yield epoch, j, _to_float(batch, self.meta)
-            return
-        # A private generator: the DataLoader would otherwise draw its worker seed from the global torch
-        # RNG, shifting the training noise of a resumed run (which creates its loader after restoring RNG).
-        # Workers come from a forkserver, not a fork of this process: by now it runs gloo, MLflow and
-        # OpenMP threads, and a fork taken while one of them holds a lock leaves the worker deadlocked
-        # (seen: a rank waiting forever on a worker stuck right after fork).
-        loader = iter(torch.utils.data.DataLoader(producer, batch_size=None, num_workers=self.num_workers,
-                                                  collate_fn=_identity, generator=torch.Generator().manual_seed(0),
-                                                  multiprocessing_context="forkserver",
-                                                  worker_init_fn=functools.partial(_exit_with, os.getpid())))  # fmt: skip
-        try:
-            for epoch, j, batch in loader:
-                yield epoch, j, _to_float(batch, self.meta)
-        finally:
-            # Stop workers now: left to garbage collection after a worker error, torch waits 5 s.
-            getattr(loader, "_shutdown_workers", lambda: None)()
-
-
-def _exit_with(rank_pid: int, _worker_id: int) -> None:
-    """A data worker ends when its rank does, however the rank ended (SIGKILL included).
-
-    Its parent is the forkserver, not the rank, so torch's own watchdog (which watches the parent)
-    never sees the rank die; and the worker holds the forkserver's lifeline, so both would live on.
-    """
-
-    def watch() -> None:
-        while _alive(rank_pid):
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="rank-watchdog", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed rank stays a zombie until its launcher reaps it
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def start_worker_server() -> None:
-    """Starts the forkserver that data workers come from, and multiprocessing's resource tracker.
-
-    Idempotent and quick: the server imports torch and this module in the background (~2 s on a
-    small CPU machine), so call it early in a run. Both are started with SIGUSR1 and SIGTERM ignored,
-    which they and the workers keep: Slurm signals every process of a job step (USR1 before the
-    time limit, TERM on scancel), a fresh process dies of USR1, and a dead worker or tracker would
-    bring the rank down before it could checkpoint. The rank stops on those signals itself
-    (preemption.StopFlag) and shuts its workers down.
-    """
-    import multiprocessing.forkserver as forkserver
-    import multiprocessing.resource_tracker as resource_tracker
-
-    forkserver.set_forkserver_preload([__name__])
-    if threading.current_thread() is not threading.main_thread():  # signal dispositions: main thread only
-        forkserver.ensure_running()
-        return
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    try:  # an ignored signal stays ignored across exec: the helpers inherit the disposition
-        resource_tracker.ensure_running()
-        forkserver.ensure_running()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        batches = producer.produce(0, 1) if self.num_workers == 0 else worker_batches(producer, self.num_workers)
+        for epoch, j, batch in batches:
+            yield epoch, j, _to_float(batch, self.meta)
 
 
 def eval_batches(root: str, split: str, batch_size: int, *, modalities: list[str], rank: int,
-                 world_size: int) -> Iterator[dict]:
-    """Finite, unshuffled batches; rank r gets the contiguous r-th 1/world_size of the split's samples.
+                 world_size: int, storage: st.Storage | None = None) -> Iterator[dict]:
+    """Finite, unshuffled batches of the samples that hold every one of ``modalities`` (complete
+    pairs: evaluation never sees an incomplete sample); rank r gets those among the contiguous r-th
+    1/world_size of the split's samples.
 
-    Every sample is seen exactly once across ranks and all modalities are observed. Ranks' batch
-    counts may differ by one (their sample counts differ by at most one); the last batch may be short.
-    Where captions are among ``modalities`` a batch also holds "tokenizers": {modality: path of its
-    sentencepiece model}, so pictures and logs can turn generated ids back into text.
+    Every such sample is seen exactly once across ranks and all modalities are observed. Ranks'
+    batch counts may differ; the last batch may be short. A split without one such sample is an
+    error. Where captions are among ``modalities`` a batch also holds "tokenizers": {modality:
+    path of its sentencepiece model}, so pictures and logs can turn generated ids back into text.
     """
     _check_rank(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    meta = read_meta(root)
+    storage = storage or st.Storage()
+    meta = read_meta(root, storage)
     modalities = _check_modalities(meta, modalities)
-    decoder, fields = _Decoder(meta, modalities, root), required_fields(meta, modalities)
-    tokenizers = tokenizer_paths(root, meta, modalities)
-    paths = shard_paths(root, split)
-    total = sum(meta["sizes"][os.path.basename(p)] for p in paths)
+    if split in meta["splits"] and not available_samples(meta, split, modalities):
+        raise ValueError(f"{root}: split {split!r} has no sample holding all of {modalities} "
+                         f"(meta.json patterns: {meta['patterns'][split]})")
+    decoder = _Decoder(meta, modalities, root, storage)
+    fields = required_fields(meta, modalities)
+    tokenizers = tokenizer_paths(root, meta, modalities, storage)
+    paths = shard_paths(root, split, storage, meta)
+    sizes = [meta["sizes"][n] for n in _shard_names(meta, split)]
+    total = sum(sizes)
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size
 
     def samples() -> Iterator[Raw]:
         offset = 0
-        for p in paths:
-            n = meta["sizes"][os.path.basename(p)]
+        for p, n in zip(paths, sizes):
             if offset < hi and offset + n > lo:
-                for i, raw in enumerate(iter_shard(p, n, fields), start=offset):
-                    if lo <= i < hi:
+                for i, raw in enumerate(iter_shard(p, n, fields, any_of=modality_fields(meta), storage=storage,
+                                                   version=meta["digest"]), start=offset):  # fmt: skip
+                    if lo <= i < hi and all(f in raw for f in decoder.fields):
                         yield raw
             offset += n
 

@@ -7,18 +7,23 @@ Why a hand-written parser next to webdataset's: parsing headers in Python's tarf
 as much as decoding a small PNG, and every DataLoader worker reads its rank's whole stream, so
 plain ustar shards (what ShardWriter writes) are parsed directly (~4x faster); archives with
 pax/GNU extension headers fall back to webdataset's tarfile iteration.
+
+The parser only ever reads forwards, so a shard may be any binary stream: a local file or a
+remote object from ``storage.Storage.open`` (which retries underneath without changing a byte).
 """
 from __future__ import annotations
 
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-Raw = dict[str, Any]  # {"__key__": str, "__url__": shard file name, field: bytes, ...}
+from . import storage as st
+
+Raw = dict[str, Any]  # {"__key__": str, "__url__": shard file name (remote: its URL), field: bytes, ...}
 
 
 class ShardFormatError(ValueError):
@@ -27,6 +32,10 @@ class ShardFormatError(ValueError):
 
 class _NotPlain(Exception):
     """The archive uses pax/GNU extension headers: read it with webdataset's tarfile iteration."""
+
+
+class _Empty(Exception):
+    """The stream holds no byte at all."""
 
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's rule for metadata members
@@ -46,11 +55,16 @@ def _plain_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     small PNG, and every worker reads the whole rank stream, so this path is ~4x faster. Unlike
     tarfile's stream mode it also refuses a bad header checksum instead of ending silently.
     """
+    first = True
     while True:
         h = f.read(512)
+        if not h and first:
+            raise _Empty
+        first = False
         if len(h) < 512:
             raise tarfile.ReadError("unexpected end of file (no end-of-archive marker)")
         if not h.strip(b"\0"):
+            _drain(f)
             return  # end-of-archive marker
         if _octal(h[148:156]) != 256 + sum(h[:148]) + sum(h[156:]):
             raise tarfile.ReadError("bad tar header checksum")
@@ -62,18 +76,23 @@ def _plain_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if h[257:263] == b"ustar\0" and h[345]:
             name = h[345:500].split(b"\0", 1)[0] + b"/" + name
         data = f.read(size)
-        if len(data) < size:
+        if len(data) < size or len(f.read(-size % 512)) < -size % 512:  # data, then padding to a block
             raise tarfile.ReadError("unexpected end of data")
-        f.seek(-size % 512, os.SEEK_CUR)
         fname = name.decode("utf-8")
         if kind in (b"0", b"\0", b"7") and not _SKIP_META.match(fname):
             yield fname, data
 
 
-def _members(path: str) -> Iterator[tuple[str, bytes]]:
+def _drain(f: BinaryIO) -> None:
+    """Read the archive's trailing padding, so that a remote copy being cached ends complete."""
+    while f.read(1 << 16):
+        pass
+
+
+def _members(opener: Callable[[], BinaryIO]) -> Iterator[tuple[str, bytes]]:
     """Regular members in order: the fast path, or webdataset's iteration from where it stopped."""
     done = 0
-    with open(path, "rb") as f:
+    with opener() as f:
         try:
             for member in _plain_members(f):
                 done += 1
@@ -81,38 +100,53 @@ def _members(path: str) -> Iterator[tuple[str, bytes]]:
             return
         except _NotPlain:
             pass
-    with open(path, "rb") as f:
+    with opener() as f:
         for k, m in enumerate(tar_file_iterator(f)):
             if k >= done:
                 yield m["fname"], m["data"]
+        _drain(f)
 
 
-def iter_shard(path: str, expected: int | None = None, fields: Iterable[str] = ()) -> Iterator[Raw]:
+def iter_shard(path: str, expected: int | None = None, fields: Iterable[str] = (), *, any_of: Iterable[str] = (),
+               storage: st.Storage | None = None, version: str | None = None,
+               opener: Callable[[], BinaryIO] | None = None) -> Iterator[Raw]:  # fmt: skip
     """Raw samples of one tar in member order, grouped by key as webdataset does; never skips errors.
 
-    Raises ShardFormatError naming the shard for: an empty or truncated/corrupt tar, a duplicate
-    field, a sample without one of ``fields``, or (once the shard is exhausted) a sample count
-    different from ``expected`` (sizes.json).
+    ``path`` is a local path or a URL (see storage.py; ``storage`` sets retries and the cache,
+    ``version``, the dataset's meta.json digest, lets a remote shard use the cache; ``opener``, from
+    ``Storage.prefetch``, replaces opening ``path`` directly). Raises ShardFormatError naming the shard for: an empty or
+    truncated/corrupt tar, a duplicate field, a sample without one of ``fields`` or without any
+    of ``any_of`` (a sample of an incomplete dataset has at least one modality), or (once the
+    shard is exhausted) a sample count different from ``expected`` (sizes.json).
     """
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"shard {name} is missing: {path}")
-    if os.path.getsize(path) == 0:
-        raise ShardFormatError(f"shard {name} is empty (0 bytes): {path}")
-    fields, count, cur = list(fields), 0, None
-    members = _members(path)
+    name = st.basename(path)
+    if not st.is_remote(path):
+        path = st.local_path(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shard {name} is missing: {path}")
+        if os.path.getsize(path) == 0:
+            raise ShardFormatError(f"shard {name} is empty (0 bytes): {path}")
+    storage = storage or st.Storage()
+    fields, any_of, count, cur = list(fields), list(any_of), 0, None
+    members = _members(opener or (lambda: storage.open(path, version)))
     while True:
         try:
             fname, data = next(members, (None, b""))
+        except _Empty:
+            raise ShardFormatError(f"shard {name} is empty (0 bytes)") from None
+        except st.RemoteReadError:
+            raise
+        except (FileNotFoundError, PermissionError) as e:  # a remote shard that is gone or forbidden
+            raise type(e)(f"shard {name} cannot be read: {e}") from e
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             raise ShardFormatError(f"shard {name} is truncated or corrupt (after {count} samples): {e}") from e
         key, suffix = base_plus_ext(fname) if fname is not None else (None, None)
         if cur is not None and (fname is None or (key is not None and key != cur["__key__"])):
             missing = [x for x in fields if x not in cur]
-            if missing:
+            if missing or (any_of and not any(x in cur for x in any_of)):
                 present = sorted(k for k in cur if not k.startswith("__"))
-                raise ShardFormatError(f"shard {name}, key {cur['__key__']}: missing field(s) {missing} "
-                                       f"(present: {present})")
+                what = f"missing field(s) {missing}" if missing else f"none of the modality fields {any_of}"
+                raise ShardFormatError(f"shard {name}, key {cur['__key__']}: {what} (present: {present})")
             count += 1
             yield cur
             cur = None

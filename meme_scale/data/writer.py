@@ -10,10 +10,16 @@ captions), saved beside the shards as ``<modality>.spm.model``; meta.json's entr
 name, ``vocab_size``, ``pad_id``, ``eos_id``, ``unk_id`` and how many captions per split were longer
 than T-1 pieces (the reader truncates those, keeping eos; none is dropped).
 
+A sample of a two-modality dataset may lack one modality (its value is None): the shard holds only
+the fields that exist, and meta.json's ``patterns`` counts each split's samples per pattern (both,
+s_only, t_only; see patterns.py). A sample with no modality at all is an error.
+
 Why the temporary folder: a crashed or interrupted conversion must never leave a shard set that
 looks complete. Everything is written into ``OUT.tmp-<pid>``, read back with the reader's own tar
-iteration (counts against sizes.json, every field present, unique keys), and only then renamed
-to OUT. Replacing an existing OUT needs ``overwrite=True``.
+iteration (counts against sizes.json and the pattern counts, every field present, unique keys),
+and only then renamed to OUT. An OUT that is a URL (storage.py) is written and validated in a
+local temporary folder, then uploaded with meta.json last, so a reader never sees a half-written
+dataset. Replacing an existing OUT needs ``overwrite=True``.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +38,10 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from .shards import FORMAT_VERSION, SPLITS, _Decoder, iter_shard, load_tokenizer, read_meta, required_fields, shard_paths
+from . import storage as st
+from .patterns import PATTERNS, pattern_name, present_mask
+from .shards import (FORMAT_VERSION, SPLITS, _Decoder, iter_shard, load_tokenizer, modality_fields, read_meta,
+                     required_fields, shard_paths)  # fmt: skip
 from .tokenizer import Tokenizer, normalise
 
 EXTENSIONS = {"image": "png", "vector": "npy", "caption": "txt"}
@@ -68,9 +79,16 @@ def _as_tokenizer(name: str, value: Any) -> Tokenizer | None:
     raise ValueError(f"modality {name!r}: 'tokenizer' must be a Tokenizer or a path, got {type(value).__name__}")
 
 
-def check_output(out_dir: str, overwrite: bool) -> None:
-    """Refuse an existing output folder unless overwriting; converters call it before slow work."""
-    if os.path.exists(out_dir) and not overwrite:
+def check_output(out_dir: str, overwrite: bool, storage: st.Storage | None = None) -> None:
+    """Refuse an existing output folder (or a URL holding a dataset) unless overwriting; converters
+    call it before slow work."""
+    if st.protocol(out_dir) == "pipe":
+        raise ValueError(f"--out {out_dir}: a pipe: URL can be read from, not written to")
+    if st.is_remote(out_dir):
+        exists = (storage or st.Storage()).exists(st.join(out_dir, "meta.json"))
+    else:
+        exists = os.path.exists(st.local_path(out_dir))
+    if exists and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
 
 
@@ -104,15 +122,16 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, name: str, modalities: Mapping[str, Mapping[str, Any]],
                  label_names: list[str] | None, *, samples_per_shard: int = 1000,
-                 source: dict | None = None, overwrite: bool = False):
+                 source: dict | None = None, overwrite: bool = False, storage: st.Storage | None = None):
         if not re.match(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*$", name):
             raise ValueError(f"dataset name {name!r} may hold letters, digits, '_', '.', single '-'")
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         if not modalities:
             raise ValueError("a dataset needs at least one modality")
-        self.out = os.path.abspath(out_dir)
-        self.overwrite = overwrite
+        self.remote = st.is_remote(out_dir)
+        self.out = out_dir if self.remote else os.path.abspath(st.local_path(out_dir))
+        self.overwrite, self.storage = overwrite, storage or st.Storage()
         self._refuse_existing()
         self.name, self.samples_per_shard = name, samples_per_shard
         self.tokenizers = {m: _as_tokenizer(m, s.get("tokenizer")) for m, s in modalities.items()
@@ -124,21 +143,28 @@ class ShardWriter:
         self.source = dict(source or {})
         self.sizes: dict[str, int] = {}
         self.splits: dict[str, int] = {}
-        self.tmp = f"{self.out}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
+        self.patterns: dict[str, Counter] = {}
+        if self.remote:
+            self.tmp = tempfile.mkdtemp(prefix=f"meme_scale-{name}-")
+        else:
+            self.tmp = f"{self.out}.tmp-{os.getpid()}"
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            os.makedirs(self.tmp)
         self._done = False
 
     def _refuse_existing(self) -> None:
-        check_output(self.out, self.overwrite)
+        check_output(self.out, self.overwrite, self.storage)
 
     def meta(self) -> dict:
         """meta.json content for what has been written so far."""
         label = None if self.label_names is None else {"field": LABEL_FIELD, "names": self.label_names}
         modalities = {m: {**spec, "truncated": dict(self.truncated[m])} if m in self.truncated else spec
                       for m, spec in self.modalities.items()}
-        return {"format_version": FORMAT_VERSION, "name": self.name, "modalities": modalities,
+        meta = {"format_version": FORMAT_VERSION, "name": self.name, "modalities": modalities,
                 "label": label, "splits": dict(self.splits), "source": self.source}
+        if len(self.modalities) == 2:
+            meta["patterns"] = {split: {p: c[p] for p in PATTERNS} for split, c in self.patterns.items()}
+        return meta
 
     def encoded(self, modality: str, value: Any, where: str = "pre-encoded value") -> Encoded:
         """Validate and encode one image/vector once, for a converter that writes it in several samples
@@ -171,9 +197,17 @@ class ShardWriter:
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; modalities are {list(self.modalities)}")
         out: dict[str, Any] = {"__key__": f"{index:09d}"}
+        present = [sample.get(m) is not None for m in self.modalities]
+        if not any(present):
+            raise ValueError(f"{where}: every modality is absent (None); a sample needs at least one")
+        if not all(present) and len(self.modalities) != 2:
+            raise ValueError(f"{where}: absent modalities need a dataset of exactly two modalities (s, t), "
+                             f"this one has {list(self.modalities)}")
         for m, spec in self.modalities.items():
             if m not in sample:
-                raise ValueError(f"{where}: modality {m!r} is missing")
+                raise ValueError(f"{where}: modality {m!r} is missing (a sample that truly lacks it says None)")
+            if sample[m] is None:
+                continue  # truly absent: the shard stores only what exists
             if spec["kind"] == "caption":
                 out[spec["field"]] = self._caption(m, split, where, sample[m])
             else:
@@ -221,7 +255,11 @@ class ShardWriter:
                     shard = f"{self.name}-{split}-{count // self.samples_per_shard:06d}.tar"
                     tar = wds.TarWriter(os.path.join(self.tmp, shard), encoder=False, mtime=0)  # int: no PAX header
                     self.sizes[shard] = 0
-                tar.write(self._encode(split, count, sample))
+                encoded = self._encode(split, count, sample)
+                tar.write(encoded)
+                if len(self.modalities) == 2:
+                    counts = self.patterns.setdefault(split, Counter())
+                    counts[pattern_name([spec["field"] in encoded for spec in self.modalities.values()])] += 1
                 self.sizes[shard] += 1
                 count += 1
         finally:
@@ -246,6 +284,13 @@ class ShardWriter:
                 json.dump(obj, f, indent=1)
                 f.write("\n")
         validate_dataset(self.tmp)
+        if self.remote:
+            try:
+                self.storage.publish(self.tmp, self.out, self.overwrite)
+            finally:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self._done = True
+            return meta
         self._refuse_existing()
         old = f"{self.out}.old-{os.getpid()}"
         if os.path.exists(self.out):
@@ -276,11 +321,12 @@ def validate_dataset(root: str) -> dict[str, int]:
     """Read every shard back; check counts vs sizes.json and meta splits, fields, unique int keys.
 
     Returns {split: samples}. Caption modalities' tokenizer files must load and agree with
-    meta.json. The first sample of every shard is decoded by the reader's own decoder (shapes,
+    meta.json; the samples of each pattern (both, s_only, t_only) must match meta.json's counts.
+    The first sample of every shard is decoded by the reader's own decoder (shapes,
     tokenisation); the reader checks the others when it decodes them.
     """
     meta = read_meta(root)
-    fields = required_fields(meta, meta["modalities"])
+    fields, any_of = required_fields(meta, meta["modalities"]), modality_fields(meta)
     for m, spec in meta["modalities"].items():
         if spec["kind"] == "caption":
             load_tokenizer(root, meta, m)
@@ -292,16 +338,25 @@ def validate_dataset(root: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for split, expected in meta["splits"].items():
         keys: set[str] = set()
+        patterns: Counter = Counter()
         for path in shard_paths(root, split):
-            for i, raw in enumerate(iter_shard(path, meta["sizes"][os.path.basename(path)], fields)):
+            for i, raw in enumerate(iter_shard(path, meta["sizes"][os.path.basename(path)], fields, any_of=any_of)):
+                present = present_mask([raw], decoder.fields)
                 if i == 0:
-                    decoder([raw], np.ones((1, len(decoder.specs)), dtype=bool))
+                    decoder([raw], present)
+                if len(any_of) == 2:
+                    patterns[pattern_name(present[0])] += 1
                 key = raw["__key__"]
                 if not (key.isascii() and key.isdigit()) or key in keys:
                     raise ValueError(f"shard {os.path.basename(path)}: key {key!r} is not a unique integer key")
                 keys.add(key)
         if len(keys) != expected:
             raise ValueError(f"{root}: split {split!r} has {len(keys)} samples, meta.json says {expected}")
+        listed_patterns = (meta.get("patterns") or {}).get(split)
+        found = {p: patterns[p] for p in PATTERNS}
+        if len(any_of) == 2 and found != (listed_patterns or {"both": expected, "s_only": 0, "t_only": 0}):
+            raise ValueError(f"{root}: split {split!r} holds samples per pattern {found}, meta.json says "
+                             f"{listed_patterns}")
         counts[split] = len(keys)
     unused = listed - {os.path.basename(p) for s in meta["splits"] for p in shard_paths(root, s)}
     if unused:

@@ -7,17 +7,19 @@
   uint8); [N, D] numbers -> vector; [N] strings (a unicode array, or a bytes array of UTF-8 text)
   -> caption;
 - ``<modality>.txt``: one caption per line -> caption;
-- optional ``label.npy`` (integers [N], classes 0..K-1) and ``label_names.txt`` (K lines).
+- optional ``label.npy`` (integers [N], classes 0..K-1) and ``label_names.txt`` (K lines);
+- optional ``observed.npy`` (bool [N, M], columns in modality order): False where sample i truly
+  lacks that modality. A float array's all-NaN row means the same. Such samples are kept with the
+  modalities they have (two-modality datasets; meta.json counts both / s_only / t_only); a row
+  that lacks every modality is an error naming it (a counted skip with ``--skip-bad``).
 
 Kinds are inferred as above or declared with ``--kind NAME=image|vector|caption`` (``vector``
 flattens any trailing shape). If ``DIR/train`` and ``DIR/test`` exist they are the splits (same
 file names in both); otherwise a seeded ``--test-fraction`` of the rows is the test split. The
 modality order (s, t) is ``--modalities a,b`` or the sorted file names.
 
-``--images DIR --captions FILE``: FILE has one ``<image path relative to DIR><TAB><caption>`` per
-line (an image may have several lines; ``#`` lines are comments). Modalities ``image`` (RGB
-resized to ``--image-size``) and ``caption``; if every image sits in a sub-folder, the first
-folder name is its class label. The split is by image, so an image's captions stay together.
+``--images DIR --captions FILE``: an image folder plus ``<image path><TAB><caption>`` lines, images
+without captions and captions without images included (``captioned_images.py``).
 
 Captions are tokenised by a sentencepiece model trained on the training split's captions only.
 """
@@ -31,7 +33,8 @@ import numpy as np
 
 from .. import tokenizer as tok
 from ..writer import ShardWriter, check_output
-from .common import BadInput, Skips, add_common_arguments, load_image, split_indices
+from .captioned_images import build_from_images
+from .common import Skips, add_common_arguments, split_indices
 
 HELP = "your own paired data: aligned <modality>.npy/.txt arrays, or an image folder + captions file"
 NAME = "custom"
@@ -162,7 +165,7 @@ def _read_array_folder(folder: str, declared: dict[str, str]) -> tuple[dict[str,
     for fname in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(fname)
         path = os.path.join(folder, fname)
-        if stem in ("label", "label_names") or ext not in (".npy", ".txt") or not os.path.isfile(path):
+        if stem in ("label", "label_names", "observed") or ext not in (".npy", ".txt") or not os.path.isfile(path):
             continue
         if stem in arrays:
             raise ValueError(f"{folder}: both {stem}.npy and {stem}.txt exist; keep one")
@@ -184,11 +187,46 @@ def _read_array_folder(folder: str, declared: dict[str, str]) -> tuple[dict[str,
     names_path = os.path.join(folder, "label_names.txt")
     if os.path.isfile(names_path):
         names = [n for n in _load_lines(names_path).tolist()]
+    observed = None
+    observed_path = os.path.join(folder, "observed.npy")
+    if os.path.isfile(observed_path):
+        observed = np.asarray(_load_npy(observed_path))
+        integer = np.issubdtype(observed.dtype, np.integer)
+        flags = observed.dtype == np.bool_ or (integer and np.isin(observed, (0, 1)).all())
+        if observed.ndim != 2 or observed.shape[1] != len(arrays) or not flags:
+            raise ValueError(f"{observed_path}: must be bool [N, {len(arrays)}] (one column per modality, in modality "
+                             f"order), got {observed.dtype} {list(observed.shape)}")  # fmt: skip
+        files["observed"] = observed_path
     counts = {files[m]: len(a) for m, a in arrays.items()} | ({label_path: len(labels)} if labels is not None else {})
+    counts |= {observed_path: len(observed)} if observed is not None else {}
     if len(set(counts.values())) > 1:
         raise ValueError(f"{folder}: arrays are not aligned, row counts differ: "
                          + ", ".join(f"{os.path.basename(p)}: {n}" for p, n in counts.items()))
-    return arrays, files, labels, names
+    return arrays, files, labels, names, observed
+
+
+def _absent_rows(a: np.ndarray) -> np.ndarray:
+    """bool [N]: rows of a float array that are all NaN (a sample without this modality)."""
+    if a.dtype.kind != "f" or a.size == 0:
+        return np.zeros(len(a), dtype=bool)
+    return np.isnan(np.asarray(a).reshape(len(a), -1)).all(1)
+
+
+def _presence(arrays: dict[str, np.ndarray], order: list[str],
+              observed: np.ndarray | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(present bool [N, M] in ``order``, arrays with absent float rows zero-filled so they convert)."""
+    n = len(arrays[order[0]])
+    present = np.ones((n, len(order)), dtype=bool)
+    if observed is not None:  # observed.npy's columns follow the modality order
+        present &= observed.astype(bool)
+    filled = dict(arrays)
+    for col, m in enumerate(order):
+        nan_rows = _absent_rows(arrays[m])
+        if nan_rows.any():
+            present[:, col] &= ~nan_rows
+            filled[m] = np.array(arrays[m], copy=True)
+            filled[m][nan_rows] = 0
+    return present, filled
 
 
 def _order(names: list[str], requested: str | None) -> list[str]:
@@ -228,6 +266,8 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
     split_dirs = {s: os.path.join(folder, s) for s in ("train", "test")}
     if all(os.path.isdir(d) for d in split_dirs.values()):
         loaded = {s: _read_array_folder(d, kinds) for s, d in split_dirs.items()}
+        if (loaded["train"][4] is None) != (loaded["test"][4] is None):
+            raise ValueError(f"{folder}: observed.npy must be in both train/ and test/ or in neither")
         file_rows = {s: np.arange(len(next(iter(v[0].values())))) for s, v in loaded.items()}
         if set(loaded["train"][0]) != set(loaded["test"][0]):
             raise ValueError(f"{folder}: train/ has {sorted(loaded['train'][0])} but test/ has {sorted(loaded['test'][0])}")
@@ -235,18 +275,22 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
             raise ValueError(f"{folder}: label.npy must be in both train/ and test/ or in neither")
         split_note = "given: train/ and test/ folders"
     else:
-        arrays, files, labels, names = _read_array_folder(folder, kinds)
+        arrays, files, labels, names, observed = _read_array_folder(folder, kinds)
         n = len(next(iter(arrays.values())))
         tr, te = split_indices(n, test_fraction, np.random.default_rng([seed, 0]))
-        loaded = {s: ({m: a[idx] for m, a in arrays.items()}, files, None if labels is None else labels[idx], names)
-                  for s, idx in (("train", tr), ("test", te))}
+        loaded = {s: ({m: a[idx] for m, a in arrays.items()}, files, None if labels is None else labels[idx], names,
+                      None if observed is None else observed[idx]) for s, idx in (("train", tr), ("test", te))}
         file_rows = {"train": tr, "test": te}  # row i of a split is row file_rows[split][i] of the files
         split_note = f"seeded random split, test_fraction={test_fraction}"
-    arrays_tr, files_tr, labels_tr, names_tr = loaded["train"]
+    arrays_tr, files_tr, labels_tr, names_tr, _ = loaded["train"]
     order = _order(list(arrays_tr), modalities)
-    specs, data = {}, {}
-    for s, (arrays, files, _, _) in loaded.items():
+    specs, data, present = {}, {}, {}
+    for s, (arrays, files, _, _, observed) in loaded.items():
         data[s] = {}
+        present[s], arrays = _presence(arrays, order, observed)
+        if not present[s].all() and len(order) != 2:
+            raise ValueError(f"{folder}: absent modalities (observed.npy, all-NaN rows) need exactly two modalities, "
+                             f"found {order}")
         for m in order:
             kind = kinds.get(m) or infer_kind(m, arrays[m], files[m])
             spec, data[s][m] = _as_modality(m, kind, arrays[m], files[m])
@@ -255,16 +299,21 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
             specs[m] = spec
     label_names = None
     if labels_tr is not None:
-        top = max(int(np.max(lab)) for _, _, lab, _ in loaded.values() if lab is not None and lab.size)
+        top = max(int(np.max(lab)) for _, _, lab, _, _ in loaded.values() if lab is not None and lab.size)
         label_names = names_tr or [str(c) for c in range(top + 1)]
         if top >= len(label_names):
             raise ValueError(f"label {top} has no name: label_names.txt lists {len(label_names)} classes")
     skips = Skips(skip_bad)
     keep = {}
-    for s, (arrays, files, labels, _) in loaded.items():
+    for s, (arrays, files, labels, _, _) in loaded.items():
         rows = []
         for i in range(len(next(iter(data[s].values())))):
-            problem = next(((m, p) for m in order if (p := _row_problem(specs[m]["kind"], data[s][m][i]))), None)
+            if not present[s][i].any():
+                skips.bad("no modality", f"{folder}: row {file_rows[s][i]} lacks every modality "
+                                         "(observed.npy or all-NaN rows)")  # fmt: skip
+                continue
+            problem = next(((m, p) for col, m in enumerate(order) if present[s][i, col]
+                            and (p := _row_problem(specs[m]["kind"], data[s][m][i]))), None)  # fmt: skip
             if problem:
                 skips.bad(problem[1], f"{files[problem[0]]}, row {file_rows[s][i]}: {problem[1]}")
                 continue
@@ -272,9 +321,12 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
         keep[s] = np.asarray(rows, dtype=np.int64)
         if not len(rows):
             raise ValueError(f"{folder}: the {s} split has no usable row")
+    if not present["test"][keep["test"]].all(1).any():
+        raise ValueError(f"{folder}: the test split has no row with every modality; evaluation needs complete pairs")
     for m in order:
         if specs[m]["kind"] == "caption":
-            train_caps = [caption_text(data["train"][m][i]) for i in keep["train"]]
+            col = order.index(m)
+            train_caps = [caption_text(data["train"][m][i]) for i in keep["train"] if present["train"][i, col]]
             specs[m] = {"kind": "caption", "shape": [caption_length], "tokenizer": tok.train(train_caps, vocab_size)}
     source = {"kind": NAME, "from": "arrays", "folder": os.path.abspath(folder), "split": split_note, "seed": seed,
               "files": {s: {m: os.path.relpath(p, folder) for m, p in v[1].items()} for s, v in loaded.items()}}
@@ -284,93 +336,18 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
         for k, s in enumerate(("train", "test")):
             labels = loaded[s][2]
             rows = keep[s][np.random.default_rng([seed, 1, k]).permutation(len(keep[s]))]
-            writer.write_split(s, _array_samples(order, data[s], labels, rows))
+            writer.write_split(s, _array_samples(order, data[s], present[s], labels, rows))
         writer.source["skipped"] = skips.record()
     return writer.meta(), skips
 
 
-def _array_samples(order: list[str], data: dict[str, np.ndarray], labels: np.ndarray | None,
-                   rows: np.ndarray) -> Iterator[dict]:
+def _array_samples(order: list[str], data: dict[str, np.ndarray], present: np.ndarray, labels: np.ndarray | None,
+                   rows: np.ndarray) -> Iterator[dict]:  # fmt: skip
     for i in rows:
-        sample = {m: (caption_text(data[m][i]) if data[m].dtype.kind in "USO" else data[m][i]) for m in order}
+        sample = {m: None if not present[i, col] else caption_text(data[m][i]) if data[m].dtype.kind in "USO"
+                  else data[m][i] for col, m in enumerate(order)}  # fmt: skip
         sample["label"] = None if labels is None else int(labels[i])
         yield sample
-
-
-# -- image folder + captions file ---------------------------------------------------------------
-def read_caption_file(path: str, images: str, skips: Skips) -> list[tuple[str, str]]:
-    """[(relative image path, caption)] from '<path>\\t<caption>' lines; errors name file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--captions {path}: file not found")
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = list(f)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        rel, sep, caption = line.rstrip("\n").partition("\t")
-        if not sep:
-            raise ValueError(f"{path}, line {n}: expected '<image path>\\t<caption>', got {line.rstrip()!r}")
-        if not tok.normalise(caption):
-            skips.bad("empty caption", f"{path}, line {n}: empty caption for {rel}")
-            continue
-        rows.append((rel.strip(), caption))
-    if not rows:
-        raise ValueError(f"{path} holds no captions")
-    return rows
-
-
-def build_from_images(out: str, images: str, captions: str, *, name: str = NAME, test_fraction: float = 0.1,
-                      image_size: int = 64, vocab_size: int = tok.DEFAULT_VOCAB, caption_length: int = tok.LENGTH,
-                      shard_size: int = 1000, seed: int = 0, skip_bad: bool = False,
-                      overwrite: bool = False) -> tuple[dict, Skips]:
-    """Convert an image folder plus a captions file; returns (meta.json content, skip counts)."""
-    check_output(out, overwrite)
-    if not os.path.isdir(images):
-        raise FileNotFoundError(f"--images {images}: folder not found")
-    skips = Skips(skip_bad)
-    rows = read_caption_file(captions, images, skips)
-    paths = sorted({rel for rel, _ in rows})
-    loaded: dict[str, np.ndarray] = {}
-    for rel in paths:
-        try:
-            loaded[rel] = load_image(os.path.join(images, rel), image_size)
-        except BadInput as e:
-            skips.bad("image", str(e))
-        except FileNotFoundError as e:
-            if not skip_bad:
-                raise FileNotFoundError(f"{e} (listed in {captions})") from None
-            skips.bad("missing image", str(e))
-    paths = [p for p in paths if p in loaded]
-    if len(paths) < 2:
-        raise ValueError(f"{captions}: fewer than 2 usable images, cannot make train and test splits")
-    by_folder = all("/" in p for p in paths)
-    label_names = sorted({p.split("/")[0] for p in paths}) if by_folder else None
-    tr, te = split_indices(len(paths), test_fraction, np.random.default_rng([seed, 0]))
-    split_of = {paths[i]: s for s, idx in (("train", tr), ("test", te)) for i in idx}
-    per_split = {s: [(rel, c) for rel, c in rows if split_of.get(rel) == s] for s in ("train", "test")}
-    tokenizer = tok.train([c for _, c in per_split["train"]], vocab_size)
-    modalities = {"image": {"kind": "image", "shape": [3, image_size, image_size]},
-                  "caption": {"kind": "caption", "shape": [caption_length], "tokenizer": tokenizer}}
-    source = {"kind": NAME, "from": "images", "images": os.path.abspath(images), "captions": os.path.abspath(captions),
-              "split": f"by image, seeded, test_fraction={test_fraction}", "labels": "first folder" if by_folder else None,
-              "image": f"RGB resized to {image_size}x{image_size}", "seed": seed,
-              "images_per_split": {"train": len(tr), "test": len(te)}}
-    label_of = {n: i for i, n in enumerate(label_names or [])}
-    writer = ShardWriter(out, name, modalities, label_names, samples_per_shard=shard_size, source=source,
-                         overwrite=overwrite)
-    with writer:
-        for k, s in enumerate(("train", "test")):
-            items = per_split[s]
-            order = np.random.default_rng([seed, 1, k]).permutation(len(items))
-            writer.write_split(s, ({"image": loaded[items[o][0]], "caption": items[o][1],
-                                    "label": label_of[items[o][0].split("/")[0]] if by_folder else None}
-                                   for o in order))
-        writer.source["skipped"] = skips.record()
-    return writer.meta(), skips
 
 
 def run(args: argparse.Namespace) -> str:
