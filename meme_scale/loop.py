@@ -21,7 +21,10 @@ import torch
 
 from . import checkpoint
 from .config import Config, deepspeed_config, dump_yaml, flatten
-from .data.shards import TrainStream, eval_batches, read_meta, start_worker_server
+from .data.patterns import pattern_counts
+from .data.shards import TrainStream, eval_batches, read_meta
+from .data.storage import storage_for
+from .data.workers import start_worker_server
 from .engine import (DistInfo, adam, all_gather_object, all_reduce_sum, broadcast_object, build_engine,  # fmt: skip
                      init_distributed)
 from .evaluate import Evaluator, picture_grid, to_device
@@ -84,6 +87,7 @@ class Run:
     stop: StopFlag
     precision: PrecisionChoice
     hardware: dict
+    patterns: dict  # meta.json's counts of complete pairs and single-modality samples per split
     noise_rng: dict  # the training noise's RNG state, applied right before the first step
     window: _Window = None
     consecutive_nan: int = 0
@@ -132,21 +136,24 @@ def setup(cfg: Config, stop: StopFlag, resume: str | None = None, config_path: s
     info = init_distributed()
     _setup_logging(info)
     # a tracking server that does not answer is an error now, on every rank, not after the whole setup
-    problem = tracking_problem(cfg.run.tracking_uri, cfg.run.tracking_required, Path(cfg.run.dir)) if info.is_main else None
+    problem = tracking_problem(cfg.run.tracking_uri, cfg.run.tracking_required, Path(cfg.run.dir)) \
+        if info.is_main else None  # fmt: skip
     if problem := broadcast_object(problem):
         raise TrackingUnavailable(problem)
     hardware, precision = _choose_threads_and_precision(cfg, info)
-    names = [s.name for s in modality_specs(cfg.model, read_meta(cfg.data.root))]
+    meta = read_meta(cfg.data.root, storage_for(cfg.data))
+    names = [s.name for s in modality_specs(cfg.model, meta)]
     engine, n_params = _build_engine(cfg, info, precision, names)
     state, noise_rng = _restore(cfg, info, engine, resume, optim_from_config)
-    tracker = _open_tracking(cfg, info, state, run_id, config_path, hardware, n_params)
+    record = {**hardware, **pattern_counts(meta)}  # what this run found: MLflow params, summary.json
+    tracker = _open_tracking(cfg, info, state, run_id, config_path, record, n_params)
     train_data = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
                              **_stream_args(cfg, info, names), start_epoch=state.epoch, start_batch=state.batch)
     evaluator = Evaluator(engine.module, cfg, info.rank, info.world_size, info.device, DTYPES[precision.precision])
     progress = Progress(cfg.train.max_steps, state.step, cfg.run.progress, enabled=info.is_main)
     return Run(cfg=cfg, info=info, engine=engine, state=state, tracker=tracker, train_data=train_data,
                evaluator=evaluator, progress=progress, stop=stop, precision=precision, hardware=hardware,
-               noise_rng=noise_rng, samples_at_start=state.samples)
+               patterns=pattern_counts(meta), noise_rng=noise_rng, samples_at_start=state.samples)
 
 
 def _choose_threads_and_precision(cfg: Config, info: DistInfo) -> tuple[dict, PrecisionChoice]:
@@ -162,7 +169,7 @@ def _choose_threads_and_precision(cfg: Config, info: DistInfo) -> tuple[dict, Pr
 
 
 def _build_engine(cfg: Config, info: DistInfo, precision: PrecisionChoice, names: list[str]):
-    specs = modality_specs(cfg.model, read_meta(cfg.data.root))
+    specs = modality_specs(cfg.model, read_meta(cfg.data.root, storage_for(cfg.data)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, specs)
     if cfg.model.pseudo_init == "data" and hasattr(model, "init_pseudo_samples"):
@@ -201,7 +208,7 @@ def _restore(cfg: Config, info: DistInfo, engine, resume: str | None, optim_from
 
 
 def _open_tracking(cfg: Config, info: DistInfo, state: State, run_id: str | None, config_path: str | None,
-                   hardware: dict, n_params: int):  # fmt: skip
+                   found: dict, n_params: int):  # fmt: skip
     run_dir = Path(cfg.run.dir)
     tags = {"model": cfg.model.name, "world_size": info.world_size}
     tracker = open_tracker(info.is_main, cfg.run.tracking_uri, run_dir, cfg.run.experiment, cfg.run.run_name,
@@ -211,7 +218,7 @@ def _open_tracking(cfg: Config, info: DistInfo, state: State, run_id: str | None
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         if state.run_id is None:
             tracker.log_params({**flatten(cfg), "world_size": info.world_size, "parameters": n_params,
-                                **{f"resolved.{k}": v for k, v in hardware.items()}})  # fmt: skip
+                                **{k if k.startswith("patterns.") else f"resolved.{k}": v for k, v in found.items()}})
             tracker.log_artifact(run_dir / "config.yaml")
             if config_path:
                 tracker.log_artifact(config_path, "config")
@@ -224,7 +231,7 @@ def _open_tracking(cfg: Config, info: DistInfo, state: State, run_id: str | None
 def _stream_args(cfg: Config, info: DistInfo, names: list[str]) -> dict:
     return dict(modalities=names, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
                 observed_fraction=cfg.data.observed_fraction, missing=cfg.data.missing,
-                mask_seed=cfg.data.mask_seed, num_workers=cfg.data.num_workers)  # fmt: skip
+                mask_seed=cfg.data.mask_seed, num_workers=cfg.data.num_workers, storage=storage_for(cfg.data))
 
 
 def initial_pseudo_samples(cfg: Config, names: list[str]) -> dict[str, torch.Tensor]:
@@ -322,7 +329,8 @@ def finish(r: Run) -> dict:
                "nan_skipped": state.nan_skipped, "wall_s": time.perf_counter() - r.t_start,  # this session's
                "mlflow_run_id": state.run_id, "tracking_uri": r.tracker.tracking_uri,
                "checkpoint": str(r.ckpt_dir / checkpoint.tag_for(state.step)), "run_dir": str(r.run_dir),
-               "world_size": info.world_size, "hardware": r.hardware, "precision": r.precision.as_record()}  # fmt: skip
+               "world_size": info.world_size, "hardware": r.hardware, "precision": r.precision.as_record(),
+               "patterns": r.patterns}  # fmt: skip
     new_samples = all_reduce_sum(torch.tensor([state.samples - r.samples_at_start])).item()
     summary["samples_per_s"] = new_samples / max(summary["wall_s"], 1e-9)
     summary["parameter_digest_per_rank"] = all_gather_object(parameter_digest(r.engine.module))
