@@ -1,142 +1,212 @@
-"""Typed configuration: the one source of truth for every key and default.
+"""Typed configuration: the one source of truth for every key, its type, allowed values, default and doc.
 
 A run's config is a YAML file plus dotted ``key=value`` overrides (``train.max_steps=50``,
-``model.modalities.0.net=svhn_conv``). Unknown keys, wrong types and out-of-range values are
-errors that name the key and where it came from. The DeepSpeed JSON is generated from here.
+``model.modalities.0.net=svhn_conv``). Each key is a field of a pydantic model below: its type (a
+``Literal`` lists the allowed values), its checks (``Field(gt=0)``), its default and, in the docstring
+under it, its one-line doc, which ``train.py --help`` prints. Unknown keys, wrong types and
+out-of-range values are errors naming the key and where it came from. The DeepSpeed JSON is generated
+from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
     """A config problem, always naming the key and the file (or command-line override)."""
 
 
-@dataclass
-class ModalityConfig:
-    name: str = ""  # must match a modality in the dataset's meta.json; order is (s, t)
-    net: str = "auto"  # a name from models.NETWORKS, or auto: chosen from meta.json's kind and shape
-    hidden: list[int] = field(default_factory=list)  # empty: the network's default widths
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: ``1e-4`` is a number (PyYAML, YAML 1.1, reads it as a string)."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))  # fmt: skip
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as configs and sweep files are read: safe, with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader
+
+
+def _in_unit_interval(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, AfterValidator(_in_unit_interval)]
+
+
+class Section(BaseModel):
+    # strict: YAML's 1 is no "1" and no True; extra: an unknown key is an error, not a silent default
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, validate_default=True)
+
+
+class ModalityConfig(Section):
+    name: str = ""
+    """A modality of the dataset's meta.json; the list's order is (s, t)."""
+    net: str = "auto"
+    """A network of models.NETWORKS, or auto: chosen from meta.json's kind and shape."""
+    hidden: list[int] = []
+    """Layer widths; empty: the network's defaults."""
     sigma_min: float = 1e-3
+    """Floor of the encoder's sigma."""
     likelihood_scale: float = 1.0
-    embedding_dim: int = 128  # captions only
+    """Scale of the Laplace image likelihood."""
+    embedding_dim: Positive = 128
+    """Token embedding size (captions only)."""
 
 
-@dataclass
-class ModelConfig:
-    name: str = "meme"  # meme | mvae | mmvae | mopoe (the baselines of DESIGN 1.5)
-    latent_dim: int = 64
-    k: int = 10  # fresh samples in the cross-generation term log q^(y|x)
-    alpha: float = 10.0
-    pseudo_samples: int = 128  # per modality
-    pseudo_init: str = "data"  # data: a batch of real samples; random
-    mmvae_k: int = 10  # MMVAE only: importance samples per mixture component (the paper used 30)
-    estimator: str = "dreg"  # MMVAE only: dreg (doubly-reparameterised gradients) | iwae
-    modalities: list[ModalityConfig] = field(default_factory=list)  # empty: both of meta.json, net auto
+class ModelConfig(Section):
+    name: Literal["meme", "mvae", "mmvae", "mopoe"] = "meme"
+    """MEME or one of the baselines it is compared with (DESIGN 1.5)."""
+    latent_dim: Positive = 64
+    """Size of the shared latent."""
+    k: NonNegative = 10
+    """Fresh samples in MEME's cross-generation term log q^(y|x)."""
+    alpha: Annotated[float, Field(ge=0)] = 10.0
+    """Weight of log q^(y|x) in MEME's bound."""
+    pseudo_samples: Positive = 128
+    """MEME's pseudo-samples per modality (N distinct points)."""
+    pseudo_init: Literal["data", "random"] = "data"
+    """data: N distinct observed training samples; random: noise."""
+    mmvae_k: Positive = 10
+    """MMVAE only: importance samples per mixture component (the paper used 30)."""
+    estimator: Literal["dreg", "iwae"] = "dreg"
+    """MMVAE only: doubly-reparameterised or plain IWAE gradients."""
+    modalities: list[ModalityConfig] = []
+    """Two modalities (s, t), or none: both of meta.json with net auto."""
+
+    @model_validator(mode="after")
+    def _two_named_modalities(self) -> ModelConfig:
+        if len(self.modalities) not in (0, 2):
+            raise ValueError("must list exactly two modalities (s, t) or none")
+        for i, m in enumerate(self.modalities):
+            if not m.name:
+                raise ValueError(f"model.modalities.{i}.name is required")
+        return self
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     root: str = "data/quickstart"
+    """Shard folder or URL (file://, http(s)://, s3://, pipe:COMMAND; data/storage.py)."""
     train_split: str = "train"
+    """Split trained on."""
     eval_split: str = "test"
-    observed_fraction: float = 1.0  # fraction of training samples that are paired
-    missing: str = "either"  # which modality an unpaired sample keeps hidden: s | t | either
-    mask_seed: int = 0  # which samples are paired; separate from train.seed so seeds share one pattern
-    num_workers: int = 1
-    # root may be a URL (http(s)://, s3://, pipe:COMMAND; data/storage.py): retries, and a local shard cache
-    retries: int = 8  # attempts per shard before a remote read fails, naming the URL
-    retry_wait: float = 1.0  # seconds before the first retry, doubling up to 30
-    cache_dir: str = ""  # "": no cache; else fetched shards are kept here
-    cache_max_gb: float = 20.0  # the cache's size bound (least recently used shards leave first)
+    """Split evaluated on."""
+    observed_fraction: Fraction = 1.0
+    """Fraction f of training samples that are paired."""
+    missing: Literal["s", "t", "either"] = "either"
+    """Which modality an unpaired sample keeps hidden."""
+    mask_seed: int = 0
+    """Which samples are paired (apart from train.seed, so seeds share one pattern)."""
+    num_workers: NonNegative = 1
+    """Data worker processes per rank (one thread each)."""
+    retries: Positive = 8
+    """Attempts per remote shard before the read fails, naming the URL."""
+    retry_wait: PositiveFloat = 1.0
+    """Seconds before the first retry, doubling up to 30."""
+    cache_dir: str = ""
+    """Keep fetched remote shards here; empty: no cache."""
+    cache_max_gb: PositiveFloat = 20.0
+    """The cache's size bound (least recently used shards leave first)."""
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0  # 0 disables clipping
+class OptimConfig(Section):
+    lr: PositiveFloat = 5e-4
+    """Adam's learning rate."""
+    betas: list[float] = [0.9, 0.999]
+    """Adam's betas."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """Adam's weight decay."""
+    grad_clip: Annotated[float, Field(ge=0)] = 0.0
+    """Gradient norm clipping; 0 disables it."""
 
 
-@dataclass
-class TrainConfig:
-    micro_batch_size: int = 128  # per rank
-    grad_accum: int = 1
-    max_steps: int = 1000  # optimizer steps
+class TrainConfig(Section):
+    micro_batch_size: Positive = 128
+    """Samples per rank per micro-batch."""
+    grad_accum: Positive = 1
+    """Micro-batches per optimizer step."""
+    max_steps: Positive = 1000
+    """Optimizer steps of the run."""
     seed: int = 0
-    # auto: bf16 where the device runs it natively (CUDA with bf16; a CPU whose bf16 matmul measures
-    # faster than fp32), else fp32 (meme_scale.hardware). fp16 needs a GPU.
-    precision: str = "auto"
-    zero_stage: int = 0  # bf16 runs at >= 1 (its fp32 master weights live in DeepSpeed's ZeRO optimizers)
-    threads: int = 0  # compute threads per rank; 0: OMP_NUM_THREADS if set, else cores / ranks sharing them
-    max_consecutive_nan: int = 5  # non-finite losses in a row before the run stops
-    # Speed options (docs/benchmarks.md measures each; both leave the loss unchanged, tested):
-    channels_last: bool = True  # conv layers run on NHWC inputs
-    compile: bool = False  # torch.compile each encoder/decoder network
+    """Initial weights and training noise."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 where the device runs it natively (a probe measures it on CPU), else fp32; fp16 needs a GPU."""
+    zero_stage: Literal[0, 1, 2] = 0
+    """DeepSpeed ZeRO stage; bf16 runs at >= 1 (its fp32 master weights live in ZeRO's optimizers)."""
+    threads: NonNegative = 0
+    """Compute threads per rank; 0: OMP_NUM_THREADS if set, else the cores divided among the ranks sharing them."""
+    max_consecutive_nan: Positive = 5
+    """Non-finite losses in a row before the run stops (the last good checkpoint stays)."""
+    channels_last: bool = True
+    """Conv layers run on NHWC inputs (same results; docs/benchmarks.md)."""
+    compile: bool = False
+    """torch.compile each encoder and decoder (same results; measured no faster on CPU)."""
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     dir: str = "runs/default"
+    """Checkpoints, pictures, reports and the local MLflow store."""
     experiment: str = "meme_scale"
+    """MLflow experiment."""
     run_name: str = ""
-    tracking_uri: str = ""  # empty: sqlite:///<dir>/mlflow.db
-    tracking_required: bool = True  # false: a tracking server away at start-up does not stop the run (it queues)
-    log_every: int = 10
-    eval_every: int = 200
-    eval_max_batches: int = 0  # 0: the whole eval split
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    progress: str = "auto"  # auto (a bar on a terminal, lines otherwise) | bar | lines | none (YAML reads a bare off as false)
+    """MLflow run name; empty: MLflow's."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty: sqlite:///<run.dir>/mlflow.db."""
+    tracking_required: bool = True
+    """false: a tracking server away at start-up does not stop the run (it queues)."""
+    log_every: Positive = 10
+    """Steps between logged metrics."""
+    eval_every: Positive = 200
+    """Steps between evaluations."""
+    eval_max_batches: NonNegative = 0
+    """Evaluation batches; 0: the whole eval split."""
+    checkpoint_every: Positive = 200
+    """Steps between checkpoints."""
+    keep_checkpoints: Positive = 3
+    """Newest complete checkpoints kept."""
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """auto: a bar on a terminal, log lines otherwise."""
 
 
-@dataclass
-class EvalConfig:
-    classifiers: str = ""  # folder of <modality>.pt from tools/train_classifiers.py; "": <data.root>/classifiers
-    joint_samples: int = 1000  # prior samples for joint coherence
-    latent_train_samples: int = 2000  # training examples whose latents fit the linear probe
-    latent_epochs: int = 30
-    # CCA coherence of image-caption data: a word-vector text file; "": <data.root>/word_vectors.txt
-    # (tools/word_vectors.py writes one from the training captions); skipped when there is none.
+class EvalConfig(Section):
+    classifiers: str = ""
+    """Folder of <modality>.pt (tools/train_classifiers.py); empty: <data.root>/classifiers."""
+    joint_samples: NonNegative = 1000
+    """Prior samples for joint coherence."""
+    latent_train_samples: NonNegative = 2000
+    """Training examples whose latents fit the linear probe."""
+    latent_epochs: NonNegative = 30
+    """Epochs of the latent linear probe."""
     cca_word_vectors: str = ""
-    cca_components: int = 40
-    cca_train_samples: int = 2000  # real training pairs the CCA is fitted on
+    """Word vectors for CCA coherence of captions; empty: <data.root>/word_vectors.txt (tools/word_vectors.py)."""
+    cca_components: Positive = 40
+    """CCA components."""
+    cca_train_samples: Positive = 2000
+    """Real training pairs the CCA is fitted on."""
     seed: int = 0
+    """Random draws of the evaluation."""
 
 
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-CHOICES = {
-    "model.name": ("meme", "mvae", "mmvae", "mopoe"),
-    "model.estimator": ("dreg", "iwae"),
-    "model.pseudo_init": ("data", "random"),
-    "data.missing": ("s", "t", "either"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.zero_stage": (0, 1, 2),
-    "run.progress": ("auto", "bar", "lines", "none"),
-}
-POSITIVE = {"model.latent_dim", "model.pseudo_samples", "model.mmvae_k", "train.micro_batch_size",
-            "train.grad_accum", "train.max_steps", "train.max_consecutive_nan", "run.log_every", "run.eval_every",
-            "run.checkpoint_every", "run.keep_checkpoints", "optim.lr", "eval.cca_components", "eval.cca_train_samples",
-            "data.retries", "data.retry_wait", "data.cache_max_gb"}  # fmt: skip
+class Config(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -146,7 +216,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict = {}
     if path:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = load_yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
@@ -154,30 +224,42 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item)
-    cfg = _build(Config, raw, "", source)
-    validate(cfg, source)
-    return cfg
+        apply_override(raw, item)
+    return validate_config(raw, source)
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def validate_config(raw: dict, source: str) -> Config:
+    """A Config from a plain mapping (a parsed YAML file with overrides; a sweep's trial); errors name key and source."""
+    return validate_model(Config, raw, source, ConfigError)
+
+
+def validate_model(schema: type[BaseModel], raw: Any, source: str, error: type[Exception], prefix: str = ""):
+    """``schema.model_validate(raw)``; its errors become one ``error`` naming each key (``prefix`` + its
+    path) and ``source``. Shared by configs and sweep files, so both explain a bad key alike."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise error("\n".join(_explain(err, source, schema, prefix) for err in e.errors())) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Sets the dotted key of ``key=value`` in ``raw`` (lists by index: ``model.modalities.1.net``)."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"command line: override {item!r} is not key=value")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = load_yaml(text) if text else ""
     except yaml.YAMLError:
         value = text
     node: Any = raw
     parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
+    for part, nxt in zip(parts[:-1], parts[1:]):
         if isinstance(node, list):
             node = _list_slot(node, part, item)
-            continue
-        if part not in node or node[part] is None:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
+        else:
+            if node.get(part) is None:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
     last = parts[-1]
     if isinstance(node, list):
         idx = int(last) if last.isdigit() else -1
@@ -196,75 +278,63 @@ def _list_slot(node: list, part: str, item: str) -> Any:
     return node[int(part)]
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: key {prefix.rstrip('.') or 'config'!r} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key {prefix + str(key)!r} (known under {prefix or 'top level'}: "
-                              f"{', '.join(sorted(names))})")  # fmt: skip
-    values = {k: _convert(hints[k], v, prefix + k, source) for k, v in raw.items()}
-    return cls(**values)
+_TYPES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str", "list_type": "a list"}
 
 
-def _convert(hint: Any, value: Any, key: str, source: str):
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, key + ".", source)
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: key {key!r} must be a list, got {value!r}")
-        return [_convert(item, v, f"{key}.{i}", source) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"internal: union-typed key {key!r} is not supported")
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[hint]
-    if not ok:
-        raise ConfigError(f"{source}: key {key!r} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
-    return float(value) if hint is float else value
+def _explain(err: dict, source: str, schema: type[BaseModel], prefix: str) -> str:
+    """One pydantic error as ``<source>: key 'a.b' must be ..., got ...``."""
+    loc = [str(p) for p in err["loc"]]
+    key, kind, value = prefix + ".".join(loc), err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        parent = prefix + ".".join(loc[:-1])
+        known = sorted(_section_at(schema, loc[:-1]).model_fields)
+        return f"{source}: unknown key {key!r} (known under {parent or 'top level'}: {', '.join(known)})"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{source}: key {key or 'config'!r} must be a mapping, got {value!r}"
+    if kind in _TYPES:
+        return f"{source}: key {key!r} must be {_TYPES[kind]}, got {value!r} ({type(value).__name__})"
+    if kind == "missing":
+        return f"{source}: key {key!r} is required"
+    if kind == "literal_error":
+        return f"{source}: key {key!r} must be one of {_allowed(schema, loc)}, got {value!r}"
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        return f"{source}: key {key!r} must be {bounds[kind].format(**err['ctx'])}, got {value!r}"
+    if kind == "value_error":
+        message = str(err["ctx"]["error"])
+        return f"{source}: key {key!r} {message}" + ("" if isinstance(value, dict) else f", got {value!r}")
+    return f"{source}: key {key!r}: {err['msg']}, got {value!r}"
 
 
-def validate(cfg: Config, source: str = "<config>") -> None:
-    flat = flatten(cfg)
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"{source}: key {key!r} must be one of {list(allowed)}, got {flat[key]!r}")
-    for key in POSITIVE:
-        if not flat[key] > 0:
-            raise ConfigError(f"{source}: key {key!r} must be > 0, got {flat[key]!r}")
-    if not 0.0 < cfg.data.observed_fraction <= 1.0:
-        raise ConfigError(f"{source}: key 'data.observed_fraction' must be in (0, 1], got {cfg.data.observed_fraction}")
-    if cfg.model.k < 0 or cfg.model.alpha < 0:
-        raise ConfigError(f"{source}: keys 'model.k' and 'model.alpha' must be >= 0")
-    if cfg.train.threads < 0:
-        raise ConfigError(f"{source}: key 'train.threads' must be >= 0 (0: automatic), got {cfg.train.threads}")
-    if len(cfg.model.modalities) not in (0, 2):
-        raise ConfigError(f"{source}: key 'model.modalities' must list exactly two modalities (s, t) or none")
-    for i, m in enumerate(cfg.model.modalities):
-        if not m.name:
-            raise ConfigError(f"{source}: key 'model.modalities.{i}.name' is required")
+def _section_at(schema: type[BaseModel], loc: list[str]) -> type[BaseModel]:
+    cls: type = schema
+    for part in loc:
+        if part.isdigit():
+            continue
+        cls = _unwrap(cls.model_fields[part].annotation)
+    return cls
+
+
+def _unwrap(annotation: Any) -> Any:
+    """list[X] -> X; Annotated[X, ...] -> X."""
+    while get_origin(annotation) in (list, Annotated):
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def _allowed(schema: type[BaseModel], loc: list[str]) -> list:
+    field = _section_at(schema, loc[:-1]).model_fields[loc[-1]]
+    return list(get_args(_unwrap(field.annotation)))
 
 
 # -- views --------------------------------------------------------------------------------------
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def flatten(cfg: Config | dict, prefix: str = "") -> dict[str, Any]:
     """``{"train.max_steps": 50, "model.modalities.0.name": "mnist", ...}`` for MLflow params and checks."""
-    tree = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    tree = cfg.model_dump() if isinstance(cfg, BaseModel) else cfg
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -278,7 +348,35 @@ def flatten(cfg: Config | dict, prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def describe_keys(section: type[Section] = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type or allowed values, default, doc) of every key, in schema order (``train.py --help``)."""
+    rows = []
+    for name, info in section.model_fields.items():
+        inner = _unwrap(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, Section) and get_origin(info.annotation) is not list:
+            rows += describe_keys(inner, f"{prefix}{name}.")
+            continue
+        if get_origin(info.annotation) is list and isinstance(inner, type) and issubclass(inner, Section):
+            rows.append((f"{prefix}{name}", f"list of {{{', '.join(inner.model_fields)}}}", [], info.description or ""))
+            rows += describe_keys(inner, f"{prefix}{name}.N.")
+            continue
+        kind = "|".join(map(str, get_args(inner))) if get_origin(inner) is Literal else getattr(
+            inner, "__name__", str(inner))  # fmt: skip
+        if get_origin(info.annotation) is list:
+            kind = f"list[{kind}]"
+        rows.append((f"{prefix}{name}", kind, info.get_default(call_default_factory=True), info.description or ""))
+    return rows
+
+
+def keys_help() -> str:
+    """Every config key with its type, default and doc, for argparse's epilog."""
+    lines = ["config keys (set in the YAML file or as key=value):"]
+    for key, kind, default, doc in describe_keys():
+        lines.append(f"  {key} ({kind}, default {default!r})\n      {doc}")
+    return "\n".join(lines)
 
 
 def deepspeed_config(cfg: Config, world_size: int, precision: str | None = None) -> dict:
@@ -299,9 +397,9 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str | None = None)
         "zero_optimization": {"stage": stage},
         "steps_per_print": 1 << 30,  # our own logging reports progress
         "wall_clock_breakdown": False,
+        # always written: DeepSpeed's default when the key is absent is to clip at 1.0, not to leave gradients alone
+        "gradient_clipping": cfg.optim.grad_clip,
     }
-    # always written: DeepSpeed's default when the key is absent is to clip at 1.0, not to leave gradients alone
-    ds["gradient_clipping"] = cfg.optim.grad_clip
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
         # Buffers follow the weights: BatchNorm on CPU refuses bf16 weights beside fp32 running stats.

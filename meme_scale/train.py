@@ -12,11 +12,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the package importable from a clone
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meme_scale.config import ConfigError, load_config  # noqa: E402
+from meme_scale.config import ConfigError, keys_help, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=keys_help())
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint tag/path")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed

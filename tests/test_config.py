@@ -1,12 +1,15 @@
 """Config: every shipped file loads, overrides apply, bad input names the key and the file."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from meme_scale.config import Config, ConfigError, deepspeed_config, flatten, load_config
+from meme_scale.config import Config, ConfigError, deepspeed_config, describe_keys, flatten, load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").rglob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
 TRAINING_CONFIGS = [p for p in CONFIGS if "sweeps" not in p.parts]
 
 
@@ -90,3 +93,22 @@ def test_bf16_raises_the_zero_stage_and_auto_needs_resolving():
 def test_flatten_names_every_leaf():
     flat = flatten(load_config(Path("configs/quickstart.yaml")))
     assert flat["model.modalities.0.name"] == "mnist" and flat["train.max_steps"] > 0
+
+
+@pytest.mark.parametrize("command", [["meme_scale/train.py"], ["-m", "meme_scale.cli", "train"]])
+def test_help_lists_every_key_with_its_doc_and_default(command):
+    out = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout  # fmt: skip
+    keys = describe_keys()
+    assert {key for key, *_ in keys} >= set(flatten(load_config(None)))  # every key of the schema
+    for key, kind, default, doc in keys:
+        assert doc, f"{key} has no doc"
+        assert f"  {key} ({kind}, default {default!r})\n      {doc}" in out, key
+
+
+def test_a_wrong_allowed_value_names_key_file_and_the_allowed_values(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {missing: both}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: key 'data.missing' must be one of ['s', 't', 'either'], got 'both'"

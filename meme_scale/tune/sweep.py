@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import load_yaml, validate_model
 
 DEFAULT_METRIC = "eval/cross_coherence"  # validation cross coherence: mean of s->t and t->s
 DEFAULT_MODE = "max"
@@ -16,34 +18,73 @@ TUNE_OWNED = ("run.dir", "run.tracking_uri", "run.experiment", "run.run_name")  
 MARKER = "meme_scale.json"  # checkpoint.MARKER: a step_* dir with it is complete (not imported: it pulls in torch)
 TRIAL_RECORD = "tune_trial.json"
 PLOT_NAME = "metric_vs_pseudo_samples.png"
-SWEEP_KEYS = {"name", "base", "overrides", "search_space", "metric", "mode", "num_samples", "seed", "scheduler",
-              "resources", "max_concurrent_trials", "max_failures", "storage", "tracking_uri", "experiment",
-              "ray"}  # fmt: skip
-SCHEDULER_KEYS = {
-    "asha": {"name", "time_attr", "grace_period", "reduction_factor", "max_t", "brackets"},
-    "fifo": {"name", "time_attr"},
-    "pbt": {"name", "time_attr", "perturbation_interval", "hyperparam_mutations", "quantile_fraction",
-            "resample_probability", "burn_in_period"},  # fmt: skip
-}
-RESOURCE_KEYS = {"cpus_per_trial", "gpus_per_trial", "ranks_per_trial"}
-RAY_KEYS = {"address", "num_cpus"}
-
-
 class SweepError(ValueError):
     """A sweep file problem, found before any trial starts; names the key and the file."""
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.2 floats: ``1e-4`` is a number (PyYAML, YAML 1.1, reads it as a string)."""
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
+class _Resources(_Section):
+    cpus_per_trial: Annotated[float, Field(ge=0)] = 1.0
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0.0
+    ranks_per_trial: Annotated[int, Field(ge=1)] = 1
 
 
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader
+class _Ray(_Section):
+    address: str = ""
+    num_cpus: Annotated[int, Field(ge=0)] = 0
 
+
+class _SweepFile(_Section):
+    """The sweep file's keys (the package docstring shows them); training keys are checked by plan.validate
+    against the training config's own schema (meme_scale.config)."""
+
+    name: str = ""
+    base: Annotated[str, Field(min_length=1)]
+    overrides: dict[str, Any] = {}
+    search_space: Annotated[dict[str, Any], Field(min_length=1)]
+    metric: str = ""
+    mode: Literal["min", "max", ""] = ""
+    num_samples: Annotated[int, Field(ge=1)] = 1
+    seed: Annotated[int, Field(ge=0)] = 0
+    scheduler: dict[str, Any] = {}
+    resources: _Resources = _Resources()
+    max_concurrent_trials: Annotated[int, Field(ge=0)] = 0
+    max_failures: Annotated[int, Field(ge=0)] = 1
+    storage: str = ""
+    tracking_uri: str = ""
+    experiment: str = ""
+    ray: _Ray = _Ray()
+
+
+_TimeAttr = Literal["step", "training_iteration"]
+
+
+class _Fifo(_Section):
+    name: Literal["fifo"]
+    time_attr: _TimeAttr = "step"
+
+
+class _Asha(_Fifo):
+    name: Literal["asha"]
+    grace_period: Annotated[int, Field(ge=0)] = 0
+    reduction_factor: Annotated[float, Field(gt=1)] = 2
+    max_t: Annotated[int, Field(ge=0)] = 0
+    brackets: Annotated[int, Field(ge=1)] = 1
+
+
+class _Pbt(_Fifo):
+    name: Literal["pbt"]
+    perturbation_interval: Annotated[int, Field(ge=0)] = 0
+    hyperparam_mutations: dict[str, Any] = {}
+    quantile_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.25
+    resample_probability: Annotated[float, Field(ge=0, le=1)] = 0.25
+    burn_in_period: Annotated[int, Field(ge=0)] = 0
+
+
+SCHEDULERS = {"asha": _Asha, "fifo": _Fifo, "pbt": _Pbt}
 
 
 # -- the sweep file ---------------------------------------------------------------------------------
@@ -86,79 +127,43 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """Parses a sweep file; ``overrides`` (``key=value``) are training keys added to its ``overrides``."""
     path = Path(path)
     try:
-        raw = _yaml(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise SweepError(f"sweep file not found: {path}") from None
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: the top level must be a mapping")
-    unknown = sorted(set(raw) - SWEEP_KEYS)
-    if unknown:
-        raise SweepError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(SWEEP_KEYS))})")
-    for key in ("base", "search_space"):
-        if not raw.get(key):
-            raise SweepError(f"{path}: key {key!r} is required")
-
-    def mapping(key: str) -> dict:
-        value = raw.get(key) or {}
-        if not isinstance(value, dict):
-            raise SweepError(f"{path}: key {key!r} must be a mapping, got {value!r}")
-        return value
-
-    fixed = dict(mapping("overrides"))
+    f = validate_model(_SweepFile, raw, str(path), SweepError)
+    fixed = dict(f.overrides)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise SweepError(f"command line: override {item!r} is not key=value")
-        fixed[key] = _yaml(text) if text else ""
-    space = {str(k): space_entry(path, str(k), v) for k, v in mapping("search_space").items()}
-    scheduler = dict(mapping("scheduler")) or {"name": "asha"}
-    scheduler.setdefault("name", "asha")
-    if scheduler["name"] not in SCHEDULER_KEYS:
-        raise SweepError(f"{path}: key 'scheduler.name' must be one of {sorted(SCHEDULER_KEYS)}, "
-                         f"got {scheduler['name']!r}")  # fmt: skip
-    bad = sorted(set(scheduler) - SCHEDULER_KEYS[scheduler["name"]])
-    if bad:
-        raise SweepError(f"{path}: unknown key 'scheduler.{bad[0]}' for scheduler {scheduler['name']!r} "
-                         f"(known: {', '.join(sorted(SCHEDULER_KEYS[scheduler['name']]))})")  # fmt: skip
-    resources, ray_cfg = mapping("resources"), mapping("ray")
-    for section, known, given in (("resources", RESOURCE_KEYS, resources), ("ray", RAY_KEYS, ray_cfg)):
-        bad = sorted(set(given) - known)
-        if bad:
-            raise SweepError(f"{path}: unknown key '{section}.{bad[0]}' (known: {', '.join(sorted(known))})")
-    base = Path(raw["base"])
+        fixed[key] = load_yaml(text) if text else ""
+    space = {str(k): space_entry(path, str(k), v) for k, v in f.search_space.items()}
+    scheduler = {"name": "asha", **f.scheduler}
+    if scheduler["name"] not in SCHEDULERS:
+        raise SweepError(f"{path}: key 'scheduler.name' must be one of {sorted(SCHEDULERS)}, got {scheduler['name']!r}")
+    validate_model(SCHEDULERS[scheduler["name"]], scheduler, str(path), SweepError, prefix="scheduler.")
+    base = Path(f.base)
     if not base.is_absolute():  # the working dir (like data.root), else beside the sweep file or above it
         found = [d / base for d in (Path.cwd(), path.parent.resolve(), *path.parent.resolve().parents)]
         base = next((b for b in found if b.is_file()), base)
     if not base.is_file():
-        raise SweepError(f"{path}: key 'base': training config {raw['base']!r} not found")
-    storage = Path(raw.get("storage") or "runs/sweeps")
-    sweep = Sweep(
-        path=path, name=str(raw.get("name") or path.stem), base=base.resolve(), overrides=fixed, search_space=space,
-        metric=str(raw.get("metric") or DEFAULT_METRIC), mode=str(raw.get("mode") or _default_mode(raw.get("metric"))),
-        num_samples=raw.get("num_samples", 1), seed=raw.get("seed", 0), scheduler=scheduler,
-        cpus_per_trial=resources.get("cpus_per_trial", 1), gpus_per_trial=resources.get("gpus_per_trial", 0),
-        ranks_per_trial=resources.get("ranks_per_trial", 1),
-        max_concurrent_trials=raw.get("max_concurrent_trials", 0), max_failures=raw.get("max_failures", 1),
-        storage=storage.resolve(), tracking_uri=str(raw.get("tracking_uri") or ""),
-        experiment=str(raw.get("experiment") or ""), ray_address=str(ray_cfg.get("address") or ""),
-        ray_num_cpus=ray_cfg.get("num_cpus") or 0,
+        raise SweepError(f"{path}: key 'base': training config {f.base!r} not found")
+    name = f.name or path.stem
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SweepError(f"{path}: key 'name' may hold letters, digits, '-', '_' and '.' only, got {name!r}")
+    return Sweep(
+        path=path, name=name, base=base.resolve(), overrides=fixed, search_space=space,
+        metric=f.metric or DEFAULT_METRIC, mode=f.mode or _default_mode(f.metric), num_samples=f.num_samples,
+        seed=f.seed, scheduler=scheduler, cpus_per_trial=f.resources.cpus_per_trial,
+        gpus_per_trial=f.resources.gpus_per_trial, ranks_per_trial=f.resources.ranks_per_trial,
+        max_concurrent_trials=f.max_concurrent_trials, max_failures=f.max_failures,
+        storage=Path(f.storage or "runs/sweeps").resolve(), tracking_uri=f.tracking_uri, experiment=f.experiment,
+        ray_address=f.ray.address, ray_num_cpus=f.ray.num_cpus,
     )  # fmt: skip
-    checks = {"num_samples": (sweep.num_samples, int, 1), "max_failures": (sweep.max_failures, int, 0),
-              "max_concurrent_trials": (sweep.max_concurrent_trials, int, 0),
-              "resources.ranks_per_trial": (sweep.ranks_per_trial, int, 1),
-              "resources.cpus_per_trial": (sweep.cpus_per_trial, (int, float), 0),
-              "resources.gpus_per_trial": (sweep.gpus_per_trial, (int, float), 0),
-              "ray.num_cpus": (sweep.ray_num_cpus, int, 0), "seed": (sweep.seed, int, 0)}  # fmt: skip
-    for key, (value, kind, low) in checks.items():
-        if isinstance(value, bool) or not isinstance(value, kind) or value < low:
-            raise SweepError(f"{path}: key {key!r} must be a number >= {low}, got {value!r}")
-    if sweep.mode not in ("min", "max"):
-        raise SweepError(f"{path}: key 'mode' must be 'min' or 'max', got {sweep.mode!r}")
-    if not sweep.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise SweepError(f"{path}: key 'name' may hold letters, digits, '-', '_' and '.' only, got {sweep.name!r}")
-    return sweep
 
 
 def _default_mode(metric: str | None) -> str:
