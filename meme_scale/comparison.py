@@ -70,7 +70,8 @@ def markdown(results: dict, models: list[str], fractions: list[float], names: li
                 cells[[key for _, key in cols].index(JOINT)] += " †"
             n = len(results[model][str(f)])
             lines.append(f"| {model} | {recipes.get(model, '-')} | {f} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", f"† {JOINT_NOTE}"]) + "\n"
+    notes = ["", f"† {JOINT_NOTE}"] if "meme" in models else []
+    return "\n".join([*lines, *notes]) + "\n"
 
 
 def coherence_plot(results: dict, models: list[str], fractions: list[float], names: list[str], path: str | Path,

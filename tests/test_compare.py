@@ -108,5 +108,6 @@ def test_table_marks_meme_joint_at_full_observation_and_shows_spread():
     assert full.count("0.600 ± 0.141") == 6 and full.endswith("|") and "0.600 ± 0.141 †" in full
     assert "0.400" in half and "±" not in half and "†" not in half
     assert comparison.JOINT_NOTE in table
+    assert comparison.JOINT_NOTE not in comparison.markdown({"mvae": results["meme"]}, ["mvae"], [1.0], names, "", {})
     summary = comparison.summary(results, names)["meme"]["1.0"]["eval/cross_coherence"]
     assert summary == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414, abs=1e-4), "min": 0.5, "max": 0.7, "n": 2}
