@@ -80,10 +80,18 @@ class ModelConfig(Section):
     """MEME's pseudo-samples per modality (N distinct points)."""
     pseudo_init: Literal["data", "random"] = "data"
     """data: N distinct observed training samples; random: noise."""
-    mmvae_k: Positive = 10
-    """MMVAE only: importance samples per mixture component (the paper used 30)."""
+    mmvae_k: Positive = 30
+    """MMVAE only: importance samples per mixture component (Shi et al. used 30)."""
     estimator: Literal["dreg", "iwae"] = "dreg"
     """MMVAE only: doubly-reparameterised or plain IWAE gradients."""
+    recipe: Literal["paper", "plain"] = "paper"
+    """Baselines only: paper = as their authors' code trained them (models/recipes.py), plain = the bare bound."""
+    kl_warmup: float = -1.0
+    """Baselines: fraction of train.max_steps over which the KL weight rises linearly; -1: the recipe's."""
+    kl_weight: float = -1.0
+    """Baselines: the KL weight after the warm-up (MoPoE's beta); -1: the recipe's."""
+    likelihood_weights: list[float] = []
+    """Baselines: per-modality likelihood weights in (s, t) order; empty: the recipe's."""
     modalities: list[ModalityConfig] = []
     """Two modalities (s, t), or none: both of meta.json with net auto."""
 

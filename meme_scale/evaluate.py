@@ -131,6 +131,13 @@ class Evaluator:
             if j % self.world_size == self.rank:
                 yield j, to_device(batch, self.device, self.dtype)
 
+    def _global_index(self, j: int, n: int) -> torch.Tensor:
+        """``[n, 1]`` global row numbers of chunk ``j``: it starts at ``j * batch`` whatever its own size ``n``
+        (a short last chunk numbered from ``j * n`` would share numbers with another chunk, and the order
+        of tied rows after the gather depends on which ranks hold them)."""
+        start = j * self.cfg.train.micro_batch_size
+        return torch.arange(start, start + n, device=self.device, dtype=torch.float32)[:, None]
+
     def _seeded(self, *parts: int):
         torch.manual_seed(hash((self.cfg.eval.seed, *parts)) % (2**31))
 
@@ -159,7 +166,7 @@ class Evaluator:
             loss, terms = model.loss(batch)
             sums[0] += torch.stack([loss.float() * n, torch.tensor(float(n), device=self.device)])
             sums[1:len(names)] += torch.stack(list(terms.values())).float()
-            index = torch.arange(j * n, (j + 1) * n, device=self.device, dtype=torch.float32)[:, None]
+            index = self._global_index(j, n)
             if self.classifiers is not None:
                 sums[-3] += metrics.cross_coherence_counts(model, s, t, batch[s], batch["label"], self.classifiers[t])
                 sums[-2] += metrics.cross_coherence_counts(model, t, s, batch[t], batch["label"], self.classifiers[s])
@@ -240,7 +247,7 @@ class Evaluator:
         for j, batch in self._chunks(self.cfg.data.train_split, limit):
             n = batch["observed"].shape[0]
             self._seeded(2, j)
-            index = torch.arange(j * n, (j + 1) * n, device=self.device, dtype=torch.float32)[:, None]
+            index = self._global_index(j, n)
             for m in self.model.names:
                 z = metrics.sample_latents(self.model, m, batch[m])
                 train_rows[m].append(torch.cat([index, batch["label"][:, None].float(), z], 1))

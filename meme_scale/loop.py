@@ -255,7 +255,10 @@ def fit(r: Run, report=None) -> None:
     r.window = _Window(r.info.device)
     r.t_start = time.perf_counter()
     checkpoint.set_rng_state(r.noise_rng)
+    model = r.engine.module
     while state.step < cfg.train.max_steps:
+        if hasattr(model, "set_step"):  # a baseline's KL warm-up follows the optimizer step
+            model.set_step(state.step, cfg.train.max_steps)
         result = train_step(r, stream)
         state.step += 1
         r.window.time = time.perf_counter() - r.window.t0

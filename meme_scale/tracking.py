@@ -370,3 +370,11 @@ def update_run(tracking_uri: str, run_id: str, tags: dict[str, Any] | None = Non
         client.log_text(run_id, body, name)
     if status is not None:
         client.set_terminated(run_id, status=status)
+
+
+def delete_run(tracking_uri: str, run_id: str) -> None:
+    """Marks a run deleted (MLflow's soft delete: ``mlflow runs restore`` brings it back)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).delete_run(run_id)

@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog=keys_help())
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint tag/path")
+    parser.add_argument("--mlflow-run-id", default=None,
+                        help="log into this existing MLflow run (a child run made by tools/compare.py) unless the "
+                             "checkpoint resumed from names one")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=50")
     return parser.parse_args(argv)
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from meme_scale.tracking import TrackingUnavailable
 
     try:
-        run(cfg, resume=args.resume, config_path=args.config)
+        run(cfg, resume=args.resume, config_path=args.config, run_id=args.mlflow_run_id)
     except TrackingUnavailable as e:  # one line, not a traceback: the user fixes a URL or starts a server
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from meme_scale import objectives as obj
 from meme_scale.config import ConfigError, load_config
 from meme_scale.models import MMVAE, MODELS, MVAE, ModalitySpec, MoPoE, build_model, modality_specs
 from meme_scale.models.baselines import available_subsets, nonempty_subsets
+from meme_scale.models.recipes import Recipe, kl_schedule, paper_recipe, resolve_recipe
 
 QUICKSTART = [ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"),
               ModalitySpec("digits", "image", (1, 8, 8), "small_mlp")]
@@ -135,24 +136,29 @@ def test_dreg_gradient_matches_the_closed_form_on_a_gaussian():
 
 
 # -- MVAE and MoPoE against a per-sample torch.distributions reference ---------------------------
-def _reference_subset_loss(model, batch, prior, explain_all, average):
+def _reference_subset_loss(model, batch, prior, explain_all, average, weights=None, beta=1.0):
     """The PoE by the direct precision formula, one sample at a time, replaying the model's noise
-    (one ``randn(rows, L)`` per subset, in the order (a), (b), (a, b)); sigma -> 0 makes z = mu_S."""
+    (one ``randn(rows, L)`` per subset, in the order (a), (b), (a, b)); sigma -> 0 makes z = mu_S.
+    ``prior``: True (every product), "full" (the product of both only) or False; ``weights`` per
+    modality multiply log p(x_m|z) and ``beta`` the KL."""
     observed = batch["observed"]
+    weights = weights or {"a": 1.0, "b": 1.0}
     subsets = [("a",), ("b",), ("a", "b")]
     rows_of = {S: [r for r in range(len(observed)) if all(observed[r, "ab".index(m)] for m in S)] for S in subsets}
     eps = {S: torch.randn(len(rows_of[S]), L, dtype=torch.float64) for S in subsets if rows_of[S]}
     elbos = {r: [] for r in range(len(observed))}
     for S in subsets:
+        with_prior = prior is True or (prior == "full" and len(S) == 2)
         for j, r in enumerate(rows_of[S]):
             experts = [model.encoders[m](batch[m][r : r + 1]) for m in S]
-            precision = sum(sigma.pow(-2) for _, sigma in experts) + (1.0 if prior else 0.0)
+            precision = sum(sigma.pow(-2) for _, sigma in experts) + (1.0 if with_prior else 0.0)
             mu = sum(mu_m * sigma_m.pow(-2) for mu_m, sigma_m in experts) / precision
             q = D.Normal(mu, precision.rsqrt())
             z = mu + precision.rsqrt() * eps[S][j]
             targets = [m for m in "ab" if observed[r, "ab".index(m)]] if explain_all else S
-            log_px = sum(D.Laplace(model.decoders[m](z), 1.0).log_prob(batch[m][r : r + 1]).sum() for m in targets)
-            elbos[r].append(log_px - D.kl_divergence(q, D.Normal(0.0, 1.0)).sum())
+            log_px = sum(weights[m] * D.Laplace(model.decoders[m](z), 1.0).log_prob(batch[m][r : r + 1]).sum()
+                         for m in targets)  # fmt: skip
+            elbos[r].append(log_px - beta * D.kl_divergence(q, D.Normal(0.0, 1.0)).sum())
     per_row = [sum(e) / len(e) if average else sum(e) for e in elbos.values()]
     return -sum(per_row) / len(observed)
 
@@ -181,7 +187,7 @@ def test_mvae_encodes_a_single_modality_as_its_product_with_the_prior():
 
 
 # -- MMVAE --------------------------------------------------------------------------------------
-def _reference_mmvae_log_w(model, batch, k, detach_q=False):
+def _reference_mmvae_log_w(model, batch, k, detach_q=False, weights=(1.0, 1.0)):
     """log w ``[K, M, B]`` with a torch.distributions mixture, replaying the model's noise draw."""
     eps = torch.randn(k, 2, B, L, dtype=torch.float64)
     enc = [model.encoders[m](batch[m]) for m in "ab"]
@@ -191,7 +197,7 @@ def _reference_mmvae_log_w(model, batch, k, detach_q=False):
     log_ws = []
     for i, (mu, sigma) in enumerate(enc):
         z = mu + sigma * eps[:, i]
-        log_px = sum(D.Laplace(model.decoders[m](z), 1.0).log_prob(batch[m]).sum(-1) for m in "ab")
+        log_px = sum(w * D.Laplace(model.decoders[m](z), 1.0).log_prob(batch[m]).sum(-1) for w, m in zip(weights, "ab"))
         log_ws.append(D.Normal(0.0, 1.0).log_prob(z).sum(-1) + log_px - q_moe.log_prob(z))
     return torch.stack(log_ws, 1)
 
@@ -248,6 +254,117 @@ def test_mmvae_ignores_unpaired_samples_and_says_so(caplog):
     torch.testing.assert_close(mixed * 8, paired_only * 4)
     assert terms["ignored_unpaired"].tolist() == [4, 8] and terms["bound"][1] == 4
     assert sum("paired samples only" in r.message for r in caplog.records) == 1
+
+
+# -- training recipes (models/recipes.py) -------------------------------------------------------
+MNIST_SVHN = [ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"), ModalitySpec("svhn", "image", (3, 32, 32), "svhn_conv")]
+CUB_RAW = [ModalitySpec("image", "image", (3, 64, 64), "svhn_conv"), ModalitySpec("caption", "caption", (32,), "caption_cnn")]
+
+
+def test_paper_recipes_follow_the_reference_code():
+    # MMVAE (iffsid/mmvae README): "MNIST scaling factor 32*32*3/28*28*1 = 3.92", "Image scaling factor
+    # 32/64*64*3 = 0.0026" for CUB: the first modality's likelihood scaled to the second's dimension
+    assert paper_recipe("mmvae", MNIST_SVHN).likelihood_weights == pytest.approx((3.92, 1.0), abs=5e-3)
+    assert paper_recipe("mmvae", CUB_RAW).likelihood_weights == pytest.approx((0.0026, 1.0), abs=5e-5)
+    assert paper_recipe("mmvae", MNIST_SVHN).kl_warmup == 0 and load_config(None, []).model.mmvae_k == 30
+    # MoPoE (thomassutter/MoPoE): rec weight = numel(svhn) / numel(m), beta 2.5, prior expert in the full set
+    mopoe = paper_recipe("mopoe", MNIST_SVHN)
+    assert mopoe.likelihood_weights == pytest.approx((3072 / 784, 1.0)) and mopoe.kl_weight == 2.5
+    assert mopoe.full_set_prior_expert and mopoe.kl_warmup == 0
+    # MVAE (mhw32/multimodal-vae-public): lambda 10 on the low-dimensional modality, KL annealed over 200 of 500 epochs
+    mvae = paper_recipe("mvae", QUICKSTART)
+    assert mvae.likelihood_weights == (1.0, 10.0) and mvae.kl_warmup == 0.4 and mvae.kl_weight == 1.0
+    assert paper_recipe("mvae", [QUICKSTART[0], QUICKSTART[0]]).likelihood_weights == (1.0, 1.0)  # no smaller one
+
+
+def test_kl_warmup_is_linear_per_step_then_constant():
+    # the reference: (batch_idx + epoch * N + 1) / (annealing_epochs * N) until it reaches 1
+    assert kl_schedule(0, 1000, 0.4) == 1 / 400
+    assert kl_schedule(199, 1000, 0.4) == 0.5
+    assert kl_schedule(399, 1000, 0.4) == 1.0 and kl_schedule(999, 1000, 0.4) == 1.0
+    assert kl_schedule(9, 1000, 0.4, weight=2.5) == 2.5 * 10 / 400
+    assert kl_schedule(0, 1000, 0.0, weight=2.5) == 2.5  # no warm-up
+
+
+def _model_cfg(*overrides):
+    return load_config(None, list(overrides)).model
+
+
+def test_recipe_resolution_from_config_and_its_errors():
+    assert resolve_recipe(_model_cfg("model.name=mvae"), QUICKSTART) == paper_recipe("mvae", QUICKSTART)
+    assert resolve_recipe(_model_cfg("model.name=mopoe", "model.recipe=plain"), QUICKSTART) == Recipe()
+    knobs = resolve_recipe(_model_cfg("model.name=mvae", "model.kl_warmup=0.1", "model.likelihood_weights=[2, 3]"),
+                           QUICKSTART)  # fmt: skip
+    assert (knobs.kl_warmup, knobs.kl_weight, knobs.likelihood_weights) == (0.1, 1.0, (2.0, 3.0))
+    assert resolve_recipe(_model_cfg("model.name=mopoe", "model.kl_weight=1"), QUICKSTART).kl_weight == 1.0
+    bad = {("model.name=mmvae", "model.kl_warmup=0.2"): "model.kl_warmup does not apply to model 'mmvae'",
+           ("model.name=meme", "model.likelihood_weights=[1, 1]"): "model.likelihood_weights does not apply",
+           ("model.name=mvae", "model.likelihood_weights=[1]"): "one positive weight per modality",
+           ("model.name=mvae", "model.likelihood_weights=[1, 0]"): "one positive weight per modality",
+           ("model.name=mvae", "model.kl_warmup=1.5"): "model.kl_warmup must be a fraction",
+           ("model.name=mopoe", "model.kl_weight=-2"): "model.kl_weight must be >= 0"}  # fmt: skip
+    for overrides, message in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_model(_model_cfg(*overrides), QUICKSTART)
+    with pytest.raises(ConfigError, match="'model.recipe' must be one of"):
+        load_config(None, ["model.recipe=authors"])
+
+
+@pytest.mark.parametrize("cls, prior, explain_all, average", [(MVAE, True, False, False), (MoPoE, "full", True, True)])
+def test_recipe_weighs_likelihoods_and_kl_in_training_and_evaluation_reports_the_bound(cls, prior, explain_all, average):
+    recipe = Recipe((2.0, 0.5), kl_weight=3.0, kl_warmup=0.5, full_set_prior_expert=cls is MoPoE)
+    model = _linear_model(cls, recipe=recipe)
+    batch = _linear_batch(_mixed_observed(B))
+    model.set_step(9, 100)  # 10 of 50 warm-up steps: KL weight 3 * 10 / 50
+    torch.manual_seed(5)
+    loss, terms = model.loss(batch)
+    torch.manual_seed(5)
+    expected = _reference_subset_loss(model, batch, prior, explain_all, average, {"a": 2.0, "b": 0.5}, beta=0.6)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-9)
+    assert terms["kl_weight"].tolist() == pytest.approx([0.6 * B, B])
+    torch.manual_seed(5)
+    bound = -_reference_subset_loss(model, batch, prior, explain_all, average) * B
+    torch.testing.assert_close(terms["bound"][0].double(), bound, atol=1e-4, rtol=1e-6)  # logs: the unweighted bound
+    model.eval()  # evaluation: weights 1, KL weight 1, whatever the step
+    torch.manual_seed(5)
+    loss, terms = model.loss(batch)
+    torch.testing.assert_close(loss, -bound / B, atol=1e-5, rtol=1e-9)
+    assert terms["kl_weight"].tolist() == [B, B]
+
+
+def test_mopoe_prior_expert_joins_only_the_full_set():
+    plain, paper = _linear_model(MoPoE), _linear_model(MoPoE, recipe=Recipe(full_set_prior_expert=True))
+    assert [paper.uses_prior_expert(s) for s in paper.subsets] == [False, False, True]
+    assert not any(plain.uses_prior_expert(s) for s in plain.subsets)
+    assert all(_linear_model(MVAE).uses_prior_expert(s) for s in plain.subsets)
+    x = _linear_batch(torch.ones(B, 2, dtype=torch.bool))
+    torch.testing.assert_close(paper.encode("a", x["a"]), plain.encode("a", x["a"]))  # unimodal: q_a alone
+
+
+def test_mmvae_likelihood_scaling_weighs_log_w_and_logs_the_unscaled_bound():
+    model = _linear_model(MMVAE, k=4, recipe=Recipe((3.0, 1.0)))
+    batch = _linear_batch(torch.ones(B, 2, dtype=torch.bool))
+    torch.manual_seed(4)
+    loss, terms = model.loss(batch)
+    torch.manual_seed(4)
+    log_w = _reference_mmvae_log_w(model, batch, 4, weights=(3.0, 1.0))
+    torch.testing.assert_close(loss, -(torch.logsumexp(log_w, 0) - math.log(4)).mean(0).mean())
+    torch.manual_seed(4)
+    plain = _reference_mmvae_log_w(model, batch, 4)
+    torch.testing.assert_close(terms["bound"][0].double(), (torch.logsumexp(plain, 0) - math.log(4)).mean(0).sum(),
+                               rtol=1e-6, atol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="no KL term"):
+        MMVAE(QUICKSTART, latent_dim=4, recipe=Recipe(kl_warmup=0.4))
+
+
+def test_a_warmup_without_the_step_says_so_once(caplog):
+    model = _linear_model(MVAE, recipe=Recipe(kl_warmup=0.4))
+    batch = _linear_batch(torch.ones(B, 2, dtype=torch.bool))
+    with caplog.at_level(logging.WARNING, logger="meme_scale.models.baselines"):
+        _, terms = model.loss(batch)
+        model.loss(batch)
+    assert terms["kl_weight"].tolist() == [B, B]  # full KL weight, and a warning instead of silence
+    assert sum("nothing called set_step" in r.message for r in caplog.records) == 1
 
 
 # -- the interface every model of the trainer keeps ----------------------------------------------

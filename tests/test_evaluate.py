@@ -14,6 +14,12 @@ from conftest import BIN, ROOT, free_port, launch, summary, train_args
 pytestmark = pytest.mark.slow
 
 
+# Chunks of 64 leave short last chunks in both splits (test 1000 = 15 * 64 + 40, train 4000 = 62 * 64 + 32),
+# and 4000 probe samples take the whole train split, short chunk included: rows must keep their global index
+# (chunk j starts at j * 64, whatever its own size) or the latent probe's training order changes with the ranks.
+EVAL_ARGS = ["train.micro_batch_size=64", "eval.joint_samples=200", "eval.latent_train_samples=4000"]
+
+
 @pytest.fixture(scope="module")
 def trained(quickstart_shards, tmp_path_factory):
     """Classifiers (a short schedule) and a briefly trained MEME with evaluation at its last step."""
@@ -22,16 +28,15 @@ def trained(quickstart_shards, tmp_path_factory):
     subprocess.run([sys.executable, str(ROOT / "tools" / "train_classifiers.py"), "--shards", str(quickstart_shards),
                     "--epochs", "2", "--out", str(classifiers)], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
     run_dir = work / "run"
-    launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=30", "run.eval_max_batches=0",
-                                "eval.joint_samples=200", "eval.latent_train_samples=500",
+    launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=30", "run.eval_max_batches=0", *EVAL_ARGS,
                                 f"eval.classifiers={classifiers}"), nproc=1)  # fmt: skip
     return quickstart_shards, run_dir, classifiers
 
 
 def _eval(launcher: list[str], data, classifiers, checkpoint, out) -> dict:
     cmd = [*launcher, "-m", "meme_scale.cli", "eval", "--checkpoint", str(checkpoint), "--config",
-           "configs/quickstart.yaml", "--out", str(out), f"data.root={data}", "train.micro_batch_size=32",
-           "eval.joint_samples=200", "eval.latent_train_samples=500", f"eval.classifiers={classifiers}"]  # fmt: skip
+           "configs/quickstart.yaml", "--out", str(out), f"data.root={data}", *EVAL_ARGS,
+           f"eval.classifiers={classifiers}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -46,6 +51,7 @@ def test_classifiers_are_saved_with_their_accuracy(trained):
 
 
 def test_two_ranks_equal_one_rank_and_export_equals_checkpoint(trained, tmp_path):
+    """Splits whose sizes are not multiples of the chunk (EVAL_ARGS): every number equal on 1 and 2 ranks."""
     data, run_dir, classifiers = trained
     exported = tmp_path / "exported.pt"  # the user's command: tools/export.py CHECKPOINT OUT.pt
     subprocess.run([sys.executable, "tools/export.py", str(run_dir / "checkpoints"), str(exported)], cwd=ROOT,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .baselines import BASELINES, MMVAE, MVAE, MoPoE
 from .meme import MEME, MultimodalVAE, count_parameters, pick_pseudo_samples
 from .networks import NETWORKS, ModalitySpec, auto_network, build_networks
+from .recipes import Recipe, resolve_recipe
 
 MODELS = {"meme": MEME, **BASELINES}
 
@@ -31,14 +32,17 @@ def modality_specs(model_cfg, meta: dict) -> list[ModalitySpec]:
 
 
 def build_model(model_cfg, specs: list[ModalitySpec]) -> MultimodalVAE:
+    """The model of ``model.name``; a baseline gets its training recipe (``model.recipe`` and its knobs)."""
+    if model_cfg.name not in MODELS:
+        raise ValueError(f"model.name: unknown model {model_cfg.name!r}; known: {sorted(MODELS)}")
+    recipe = resolve_recipe(model_cfg, specs)
     if model_cfg.name == "meme":
         return MEME(specs, model_cfg.latent_dim, model_cfg.k, model_cfg.alpha, model_cfg.pseudo_samples)
     if model_cfg.name == "mmvae":
-        return MMVAE(specs, model_cfg.latent_dim, k=model_cfg.mmvae_k, estimator=model_cfg.estimator)
-    if model_cfg.name in ("mvae", "mopoe"):
-        return MODELS[model_cfg.name](specs, model_cfg.latent_dim)
-    raise ValueError(f"model.name: unknown model {model_cfg.name!r}; known: {sorted(MODELS)}")
+        return MMVAE(specs, model_cfg.latent_dim, k=model_cfg.mmvae_k, estimator=model_cfg.estimator, recipe=recipe)
+    return MODELS[model_cfg.name](specs, model_cfg.latent_dim, recipe=recipe)
 
 
-__all__ = ["MEME", "MMVAE", "MODELS", "MVAE", "NETWORKS", "ModalitySpec", "MoPoE", "MultimodalVAE", "auto_network",
-           "build_model", "build_networks", "count_parameters", "modality_specs", "pick_pseudo_samples"]
+__all__ = ["MEME", "MMVAE", "MODELS", "MVAE", "NETWORKS", "ModalitySpec", "MoPoE", "MultimodalVAE", "Recipe",
+           "auto_network", "build_model", "build_networks", "count_parameters", "modality_specs",
+           "pick_pseudo_samples", "resolve_recipe"]

@@ -9,15 +9,21 @@ MVAE  (Wu & Goodman 2018): q_S(z|X) = PoE(N(0, I), q_m(z|x_m) for m in S)
       per sample: sum_S ELBO_S over the non-empty subsets S of its observed modalities,
       ELBO_S = log p(x_S|z) - KL(q_S || N(0, I)),  z ~ q_S,  log p(x_S|z) = sum_{m in S} log p(x_m|z)
       (paired: ELBO_{s,t} + ELBO_s + ELBO_t, the paper's sub-sampling for two modalities; one
-      modality observed: its own ELBO). Unit likelihood weights and no KL annealing.
+      modality observed: its own ELBO).
 MoPoE (Sutter et al. 2021): q(z|X) = 1/|P| sum_{S in P} q_S(z|X),  q_S = PoE(q_m(z|x_m) for m in S),
-      P = non-empty subsets of the observed modalities (no prior expert, as in the reference code);
+      P = non-empty subsets of the observed modalities (paper recipe: the prior expert joins the
+      product of the full set, as the reference code's ``poe_fusion``);
       per sample: 1/|P| sum_S [ log p(x_obs|z_S) - KL(q_S || N(0, I)) ],  z_S ~ q_S,
       every observed modality explained by every subset's z; KL(q || p) is replaced by the
       subset-weighted KLs (its upper bound by convexity, as the reference implementation does).
 MMVAE (Shi et al. 2019): q(z|X) = 1/M sum_m q_m(z|x_m), paired samples only; stratified bound
       1/M sum_m log 1/K sum_k w_mk,  w_mk = p(z_mk) prod_n p(x_n|z_mk) / q(z_mk|X),  z_mk ~ q_m(z|x_m)
       with DReG gradients (default) or plain IWAE gradients (``estimator``).
+
+Training recipes (``recipes.py``): in training mode each log p(x_m|z) is multiplied by its
+likelihood weight w_m and each KL by the scheduled KL weight beta_t (MVAE: a warm-up that follows
+``set_step``); in evaluation mode w = 1 and beta = 1, so the loss is the model's bound. The logged
+``bound`` terms are always the unweighted bound; ``kl_weight`` is beta_t.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import Tensor
 from .. import objectives as obj
 from .meme import MultimodalVAE
 from .networks import ModalitySpec
+from .recipes import Recipe, kl_schedule
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +78,47 @@ class _Recorder:
         return {k: zero if v is None else v for k, v in self.terms.items()}
 
 
-class _SubsetELBOModel(MultimodalVAE):
+class _Baseline(MultimodalVAE):
+    """A baseline with a training recipe: likelihood weights and a KL weight that may follow the step."""
+
+    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64, recipe: Recipe | None = None):
+        super().__init__(specs, latent_dim)
+        self.recipe = recipe or Recipe()
+        self._progress: tuple[int, int] | None = None
+        self._warned_step = False
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Where training is (optimizer steps done, of ``train.max_steps``); the loop calls it before each step."""
+        self._progress = (step, total_steps)
+
+    def likelihood_weights(self) -> list[float]:
+        return self.recipe.weights(len(self.names)) if self.training else [1.0] * len(self.names)
+
+    def kl_weight(self) -> float:
+        recipe = self.recipe
+        if not self.training:
+            return 1.0
+        if recipe.kl_warmup <= 0:
+            return recipe.kl_weight
+        if self._progress is None:  # without the step there is no warm-up: say so rather than train silently without
+            if not self._warned_step:
+                log.warning("%s: a KL warm-up over %.0f%% of the run is configured but the training step is unknown "
+                            "(nothing called set_step): training with the full KL weight %g",
+                            type(self).__name__, 100 * recipe.kl_warmup, recipe.kl_weight)  # fmt: skip
+                self._warned_step = True
+            return recipe.kl_weight
+        return kl_schedule(*self._progress, recipe.kl_warmup, recipe.kl_weight)
+
+
+class _SubsetELBOModel(_Baseline):
     """What MVAE and MoPoE share: one ELBO per subset of observed modalities, from the PoE of its experts."""
 
     prior_expert: bool  # MVAE: N(0, I) joins every product
     explain_all: bool  # MoPoE: each subset's z explains every observed modality (MVAE: only the subset's)
     average: bool  # MoPoE: mean over the available subsets (the mixture weights); MVAE: their sum
 
-    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64):
-        super().__init__(specs, latent_dim)
+    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64, recipe: Recipe | None = None):
+        super().__init__(specs, latent_dim, recipe)
         self.subsets = nonempty_subsets(self.names)
 
     @staticmethod
@@ -90,30 +129,37 @@ class _SubsetELBOModel(MultimodalVAE):
     @property
     def term_names(self) -> list[str]:
         per_subset = [f"{kind}_{self.subset_key(s)}" for s in self.subsets for kind in ("elbo", "kl")]
-        return ["bound", *per_subset, "paired_fraction"]
+        return ["bound", *per_subset, "kl_weight", "paired_fraction"]
 
     def loss(self, batch: dict) -> tuple[Tensor, Terms]:
+        """-(sum over samples of sum_S mix_S [sum_m w_m log p(x_m|z_S) - beta KL_S]) / B (w = 1, beta = 1 in eval)."""
         self.check_batch(batch)
         observed = batch["observed"]
         batch_size = observed.shape[0]
         record = _Recorder(self.term_names, observed.device)
         enc = self._encode_observed(batch)
         avail = available_subsets(self.subsets, self.names, observed)  # [S, B]
-        weight = avail.float() / avail.sum(0).clamp(min=1) if self.average else avail.float()
+        mix = avail.float() / avail.sum(0).clamp(min=1) if self.average else avail.float()
+        weights, beta = dict(zip(self.names, self.likelihood_weights())), self.kl_weight()
         dtype = torch.promote_types(torch.float32, next(self.parameters()).dtype)
-        bound = torch.zeros(batch_size, dtype=dtype, device=observed.device)
+        objective = torch.zeros(batch_size, dtype=dtype, device=observed.device)
+        bound = torch.zeros(batch_size, dtype=dtype, device=observed.device)  # unweighted, for the logs
         for i, subset in enumerate(self.subsets):
             rows = avail[i]
             if not rows.any():
                 continue
-            elbo, kl = self._subset_elbo(subset, rows, enc, batch)
-            bound = bound.index_put((rows,), weight[i, rows].to(dtype) * elbo, accumulate=True)
+            log_px, weighted_log_px, kl = self._subset_terms(subset, rows, enc, batch, weights)
+            mix_rows = mix[i, rows].to(dtype)
+            objective = objective.index_put((rows,), mix_rows * (weighted_log_px - beta * kl), accumulate=True)
+            elbo = (log_px - kl).detach()
+            bound = bound.index_put((rows,), mix_rows * elbo, accumulate=True)
             record(f"elbo_{self.subset_key(subset)}", elbo)
             record(f"kl_{self.subset_key(subset)}", kl)
         seen = observed.any(1)
         record("bound", bound[seen])
+        record("kl_weight", torch.full((batch_size,), beta, device=observed.device))
         record("paired_fraction", observed.all(1).float())
-        return self.touch_all_parameters(-bound.sum() / batch_size), record.result()
+        return self.touch_all_parameters(-objective.sum() / batch_size), record.result()
 
     def _encode_observed(self, batch: dict) -> dict[str, tuple[Tensor, Tensor]]:
         """Each encoder runs on its observed rows only; results sit in ``[B, L]`` tensors whose other
@@ -128,16 +174,22 @@ class _SubsetELBOModel(MultimodalVAE):
             out[name] = (mu.new_zeros(shape).index_put((rows,), mu), sigma.new_ones(shape).index_put((rows,), sigma))
         return out
 
-    def _subset_elbo(self, subset: tuple[str, ...], rows: Tensor, enc: dict, batch: dict) -> tuple[Tensor, Tensor]:
-        """ELBO_S and KL(q_S || N(0, I)) on the rows where S is observed, one reparameterised sample."""
+    def uses_prior_expert(self, subset: tuple[str, ...]) -> bool:
+        return self.prior_expert or (self.recipe.full_set_prior_expert and len(subset) == len(self.names))
+
+    def _subset_terms(self, subset: tuple[str, ...], rows: Tensor, enc: dict, batch: dict,
+                      weights: dict[str, float]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """log p(x|z_S), its weighted sum over modalities and KL(q_S || N(0, I)) on the rows where S is
+        observed, from one reparameterised sample z_S ~ q_S."""
         mus = torch.stack([enc[m][0][rows] for m in subset])
         sigmas = torch.stack([enc[m][1][rows] for m in subset])
-        mu, sigma = obj.product_of_experts(mus, sigmas, prior=self.prior_expert)
+        mu, sigma = obj.product_of_experts(mus, sigmas, prior=self.uses_prior_expert(subset))
         z = obj.reparameterise(mu, sigma)
         targets = self.names if self.explain_all else subset
-        log_px = sum(self._observed_log_lik(m, z, batch, rows) for m in targets)
-        kl = obj.standard_normal_kl(mu, sigma)
-        return log_px - kl, kl
+        per_modality = {m: self._observed_log_lik(m, z, batch, rows) for m in targets}
+        log_px = sum(per_modality.values())
+        weighted = sum(weights[m] * ll for m, ll in per_modality.items())
+        return log_px, weighted, obj.standard_normal_kl(mu, sigma)
 
     def _observed_log_lik(self, name: str, z: Tensor, batch: dict, rows: Tensor) -> Tensor | float:
         """log p(x_m|z) on the rows where m is observed, 0 elsewhere (the zero-filled data is never read)."""
@@ -166,15 +218,18 @@ class MoPoE(_SubsetELBOModel):
     prior_expert, explain_all, average = False, True, True
 
 
-class MMVAE(MultimodalVAE):
+class MMVAE(_Baseline):
     """Mixture of experts with the stratified IWAE/DReG bound (Shi et al. 2019); paired samples only."""
 
-    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64, k: int = 10, estimator: str = "dreg"):
-        super().__init__(specs, latent_dim)
+    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64, k: int = 10, estimator: str = "dreg",
+                 recipe: Recipe | None = None):  # fmt: skip
+        super().__init__(specs, latent_dim, recipe)
         if estimator not in ESTIMATORS:
             raise ValueError(f"MMVAE estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
         if k < 1:
             raise ValueError(f"MMVAE needs k >= 1 importance samples per component, got {k}")
+        if self.recipe.kl_warmup > 0 or self.recipe.kl_weight != 1.0:
+            raise ValueError("MMVAE's importance-weighted bound has no KL term to weigh or anneal")
         self.k, self.estimator = k, estimator
         self._warned = False
 
@@ -194,9 +249,10 @@ class MMVAE(MultimodalVAE):
             self._warn_unpaired(int((~paired).sum()), batch_size)
         total = torch.zeros((), device=observed.device)
         if paired.any():
-            bound, per_component, log_px = self.stratified_bound({m: batch[m][paired] for m in self.names})
-            total = bound.sum()
-            record("bound", bound)
+            objective, per_component, log_px = self.stratified_bound({m: batch[m][paired] for m in self.names},
+                                                                     self.likelihood_weights())  # fmt: skip
+            total = objective.sum()
+            record("bound", per_component.mean(0))
             for i, m in enumerate(self.names):
                 record(f"bound_{m}", per_component[i])
                 for x in self.names:
@@ -205,8 +261,11 @@ class MMVAE(MultimodalVAE):
         record("paired_fraction", paired.float())
         return self.touch_all_parameters(-total / batch_size), record.result()
 
-    def stratified_bound(self, xs: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Per-sample bound ``[n]``, per-component bounds ``[M, n]`` and log p(x|z) ``[K, M, n]`` per modality.
+    def stratified_bound(self, xs: dict[str, Tensor], weights: list[float] | None = None
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
+        """The per-sample objective ``[n]`` (1/M sum_m of the component bounds, log p(x|z) weighted by
+        ``weights``), the unweighted per-component bounds ``[M, n]`` (detached) and log p(x|z)
+        ``[K, M, n]`` per modality.
 
         Noise: one ``randn(K, M, n, L)`` draw, components in ``names`` order.
         """
@@ -220,9 +279,14 @@ class MMVAE(MultimodalVAE):
         log_q_moe = torch.logsumexp(log_q, dim=2) - math.log(len(self.names))
         log_pz = obj.gaussian_log_prob(z, torch.zeros_like(z), torch.ones_like(z))
         log_px = {x: self.log_likelihood(x, self.decoders[x](z), xs[x]) for x in self.names}
-        log_w = log_pz + sum(log_px.values()) - log_q_moe  # [K, M, n]
+        weights = weights or [1.0] * len(self.names)
+        log_w = log_pz - log_q_moe + sum(w * log_px[x] for w, x in zip(weights, self.names))  # [K, M, n]
         per_component = obj.dreg_bound(log_w, z) if self.estimator == "dreg" else obj.iwae_bound(log_w)
-        return per_component.mean(0), per_component, log_px
+        if all(w == 1.0 for w in weights):
+            unweighted = per_component.detach()
+        else:
+            unweighted = obj.iwae_bound((log_pz - log_q_moe + sum(log_px.values())).detach())
+        return per_component.mean(0), unweighted, log_px
 
     def _warn_unpaired(self, n_unpaired: int, batch_size: int) -> None:
         """MMVAE's objective needs every modality: say once that partially observed data is dropped."""
