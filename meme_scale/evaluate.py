@@ -138,8 +138,9 @@ class Evaluator:
         start = j * self.cfg.train.micro_batch_size
         return torch.arange(start, start + n, device=self.device, dtype=torch.float32)[:, None]
 
-    def _seeded(self, *parts: int):
-        torch.manual_seed(hash((self.cfg.eval.seed, *parts)) % (2**31))
+    def _seeded(self, stream: str, j: int) -> None:
+        """Chunk ``j`` of pass ``stream`` draws from its own seed, whichever rank evaluates it."""
+        torch.manual_seed(hash((self.cfg.eval.seed, *STREAMS[stream], j)) % (2**31))
 
     # -- the pass over the eval split -----------------------------------------------------------
     @torch.no_grad()
@@ -154,54 +155,53 @@ class Evaluator:
                 self.model.train(was_training)
 
     def _evaluate(self, max_batches: int, histogram) -> dict[str, float]:
-        model, (s, t) = self.model, self.model.names
-        names = ["loss", *model.term_names]
-        sums = torch.zeros(len(names) + 3, 2, device=self.device)  # loss terms, s->t, t->s, joint
-        cca = self.cca
-        cca_sums = torch.zeros(4, 2, device=self.device)  # CCA: image->caption, caption->image, joint, data
-        test_rows: dict[str, list] = {"w2": [], s: [], t: []}
+        model, (s, t), cca = self.model, self.model.names, self.cca
+        coherence = [f"coherence_{s}_to_{t}", f"coherence_{t}_to_{s}", "coherence_joint"] if self.classifiers else []
+        cca_names = list(self._cca_names().values())
+        tally = _Tally(["loss", *model.term_names, *coherence, *cca_names], self.device)
+        w2 = _Rows(paired=1, mismatched=1)
+        latents = {m: _Rows(label=1, z=model.latent_dim) for m in (s, t)}
         for j, batch in self._chunks(self.cfg.data.eval_split, max_batches):
             n = batch["observed"].shape[0]
-            self._seeded(j)
+            self._seeded("test", j)
             loss, terms = model.loss(batch)
-            sums[0] += torch.stack([loss.float() * n, torch.tensor(float(n), device=self.device)])
-            sums[1:len(names)] += torch.stack(list(terms.values())).float()
+            tally.add("loss", torch.stack([loss.float() * n, loss.new_tensor(float(n)).float()]))
+            for name, pair in terms.items():
+                tally.add(name, pair.float())
             index = self._global_index(j, n)
             if self.classifiers is not None:
-                sums[-3] += metrics.cross_coherence_counts(model, s, t, batch[s], batch["label"], self.classifiers[t])
-                sums[-2] += metrics.cross_coherence_counts(model, t, s, batch[t], batch["label"], self.classifiers[s])
+                for x, y in ((s, t), (t, s)):
+                    tally.add(f"coherence_{x}_to_{y}", metrics.cross_coherence_counts(
+                        model, x, y, batch[x], batch["label"], self.classifiers[y]))  # fmt: skip
             if cca is not None:
-                cca_sums[[0, 1, 3]] += self._cca_pairs(cca, batch)
+                for name, pair in self._cca_pairs(cca, batch).items():
+                    tally.add(name, pair)
             paired, mismatched = metrics.relatedness(model, batch[s], batch[t], torch.Generator().manual_seed(j))
-            test_rows["w2"].append(torch.cat([index, paired[:, None], mismatched[:, None]], 1))
+            w2.add(index, paired=paired, mismatched=mismatched)
             for m in (s, t):
-                z = metrics.sample_latents(model, m, batch[m])
-                test_rows[m].append(torch.cat([index, batch["label"][:, None].float(), z], 1))
+                latents[m].add(index, label=batch["label"], z=metrics.sample_latents(model, m, batch[m]))
         if self.classifiers is not None:
-            sums[-1] += self._joint_counts()
+            tally.add("coherence_joint", self._joint_counts())
         if cca is not None:
-            cca_sums[2] += self._cca_joint(cca)
-        total, cca_total = all_reduce_sum(sums).tolist(), all_reduce_sum(cca_sums).tolist()
+            tally.add(self._cca_names()["joint"], self._cca_joint(cca))
+        totals = tally.reduce()
 
-        out = {f"eval/{k}": a / c for k, (a, c) in zip(names, total) if c > 0}
-        out["eval/complete_pairs"] = total[0][1]  # eval_batches yields complete pairs only: how many were evaluated
+        out = {f"eval/{k}": a / c for k, (a, c) in totals.items() if c > 0 and k not in coherence + cca_names}
+        out["eval/complete_pairs"] = totals["loss"][1]  # eval_batches yields complete pairs only: how many were evaluated
+        for key in coherence + cca_names:
+            out[f"eval/{key}"] = totals[key][0] / max(totals[key][1], 1)
         if self.classifiers is not None:
-            for key, (a, c) in zip((f"coherence_{s}_to_{t}", f"coherence_{t}_to_{s}", "coherence_joint"), total[-3:]):
-                out[f"eval/{key}"] = a / max(c, 1)
             out["eval/cross_coherence"] = (out[f"eval/coherence_{s}_to_{t}"] + out[f"eval/coherence_{t}_to_{s}"]) / 2
             for m, clf in self.classifiers.items():
                 out[f"eval/classifier_accuracy_{m}"] = float(clf.test_accuracy)
-        if cca is not None:
-            image, caption = cca.image, cca.caption
-            keys = (f"cca_{image}_to_{caption}", f"cca_{caption}_to_{image}", "cca_joint", "cca_data")
-            out.update({f"eval/{key}": a / max(c, 1) for key, (a, c) in zip(keys, cca_total)})
-        w2 = self._gather(test_rows["w2"], 3)
-        if len(w2):
-            out["eval/w2_paired"], out["eval/w2_mismatched"] = w2[:, 1].mean().item(), w2[:, 2].mean().item()
+        relatedness = self._gather(w2)
+        if len(relatedness["index"]):
+            paired, mismatched = relatedness["paired"][:, 0], relatedness["mismatched"][:, 0]
+            out["eval/w2_paired"], out["eval/w2_mismatched"] = paired.mean().item(), mismatched.mean().item()
             if histogram is not None and self.rank == 0:
-                metrics.relatedness_histogram_png(w2[:, 1], w2[:, 2], histogram, title=f"W2 between q(z|{s}) and q(z|{t})")
+                metrics.relatedness_histogram_png(paired, mismatched, histogram, title=f"W2 between q(z|{s}) and q(z|{t})")
         if self.has_labels:
-            out.update(self._latent_accuracy(test_rows))
+            out.update(self._latent_accuracy(latents))
         return broadcast_object(out)
 
     def _joint_counts(self) -> torch.Tensor:
@@ -209,56 +209,99 @@ class Evaluator:
         size = self.cfg.train.micro_batch_size
         n_chunks = -(-self.cfg.eval.joint_samples // size)
         for j in range(self.rank, n_chunks, self.world_size):
-            self._seeded(1, j)
+            self._seeded("joint", j)
             n = min(size, self.cfg.eval.joint_samples - j * size)
             counts += metrics.joint_coherence_counts(self.model, n, self.classifiers)
         return counts
 
-    def _cca_pairs(self, cca: CCAScorer, batch: dict) -> torch.Tensor:
-        """[image with its generated caption, generated image with its caption, the real pair] as
-        [sum, count] rows; the real pairs are the reference the generations are read against."""
+    def _cca_names(self) -> dict[str, str]:
+        """What each CCA score is called: image->caption, caption->image, joint generations, the real pairs."""
+        if self.cca is None:
+            return {}
+        image, caption = self.cca.image, self.cca.caption
+        return {"image_to_caption": f"cca_{image}_to_{caption}", "caption_to_image": f"cca_{caption}_to_{image}",
+                "joint": "cca_joint", "data": "cca_data"}  # fmt: skip
+
+    def _cca_pairs(self, cca: CCAScorer, batch: dict) -> dict[str, torch.Tensor]:
+        """[sum, count] of the image with its generated caption, the generated image with its caption, and the
+        real pair: the reference the generations are read against."""
         image, caption = cca.image, cca.caption
         x_img, x_cap = batch[image], batch[caption]
-        return torch.stack([cca.score(x_img, self.model.cross_generate(image, caption, x_img)),
-                            cca.score(self.model.cross_generate(caption, image, x_cap), x_cap),
-                            cca.score(x_img, x_cap)])  # fmt: skip
+        names = self._cca_names()
+        return {names["image_to_caption"]: cca.score(x_img, self.model.cross_generate(image, caption, x_img)),
+                names["caption_to_image"]: cca.score(self.model.cross_generate(caption, image, x_cap), x_cap),
+                names["data"]: cca.score(x_img, x_cap)}  # fmt: skip
 
     def _cca_joint(self, cca: CCAScorer) -> torch.Tensor:
         """Prior samples decoded into both modalities, as [sum, count]."""
         out = torch.zeros(2, device=self.device)
         size = self.cfg.train.micro_batch_size
         for j in range(self.rank, -(-self.cfg.eval.joint_samples // size), self.world_size):
-            self._seeded(3, j)
+            self._seeded("cca_joint", j)
             generated = self.model.sample_prior(min(size, self.cfg.eval.joint_samples - j * size))
             out += cca.score(generated[cca.image], generated[cca.caption])
         return out
 
-    def _gather(self, rows: list[torch.Tensor], width: int, capacity: int | None = None) -> torch.Tensor:
-        """Every rank's rows, ordered by their global index (column 0)."""
-        local = torch.cat(rows) if rows else torch.zeros(0, width, device=self.device)
-        cap = capacity or int(all_reduce_sum(torch.tensor([float(len(local))])).item())  # an upper bound per rank
+    def _gather(self, rows: _Rows) -> dict[str, torch.Tensor]:
+        """Every rank's rows, ordered by their global index, as {column name: [N, width]} (and "index")."""
+        local = torch.cat(rows.chunks) if rows.chunks else torch.zeros(0, rows.width, device=self.device)
+        cap = int(all_reduce_sum(torch.tensor([float(len(local))])).item())  # an upper bound per rank
         packed = all_reduce_sum(metrics.pack_rows(local, self.rank, self.world_size, max(cap, 1)))
         gathered = metrics.unpack_rows(packed)
-        return gathered[gathered[:, 0].argsort()]
+        return rows.split(gathered[gathered[:, 0].argsort()])
 
-    def _latent_accuracy(self, test_rows: dict[str, list]) -> dict[str, float]:
+    def _latent_accuracy(self, test: dict[str, _Rows]) -> dict[str, float]:
         limit = -(-self.cfg.eval.latent_train_samples // self.cfg.train.micro_batch_size)
-        train_rows: dict[str, list] = {m: [] for m in self.model.names}
+        train = {m: _Rows(label=1, z=self.model.latent_dim) for m in self.model.names}
         for j, batch in self._chunks(self.cfg.data.train_split, limit):
-            n = batch["observed"].shape[0]
-            self._seeded(2, j)
-            index = self._global_index(j, n)
+            self._seeded("latent_train", j)
+            index = self._global_index(j, batch["observed"].shape[0])
             for m in self.model.names:
-                z = metrics.sample_latents(self.model, m, batch[m])
-                train_rows[m].append(torch.cat([index, batch["label"][:, None].float(), z], 1))
+                train[m].add(index, label=batch["label"], z=metrics.sample_latents(self.model, m, batch[m]))
         out = {}
-        width = 2 + self.model.latent_dim
         for m in self.model.names:
-            train, test = self._gather(train_rows[m], width), self._gather(test_rows[m], width)
-            if len(train) and len(test) and self.rank == 0:
+            fit, held_out = self._gather(train[m]), self._gather(test[m])
+            if len(fit["index"]) and len(held_out["index"]) and self.rank == 0:
                 out[f"eval/latent_accuracy_{m}"] = metrics.latent_accuracy(
-                    train[:, 2:], train[:, 1].long(), test[:, 2:], test[:, 1].long(),
+                    fit["z"], fit["label"][:, 0].long(), held_out["z"], held_out["label"][:, 0].long(),
                     epochs=self.cfg.eval.latent_epochs, seed=self.cfg.eval.seed)  # fmt: skip
+        return out
+
+
+# The evaluation's random streams: chunk j of each pass seeds (eval.seed, *stream, j).
+STREAMS = {"test": (), "joint": (1,), "latent_train": (2,), "cca_joint": (3,)}
+
+
+class _Tally:
+    """[sum, count] pairs under fixed names (the same on every rank), added up over ranks in one all-reduce."""
+
+    def __init__(self, names: list[str], device: torch.device):
+        self.sums = {name: torch.zeros(2, device=device) for name in names}
+
+    def add(self, name: str, pair: torch.Tensor) -> None:
+        self.sums[name] += pair
+
+    def reduce(self) -> dict[str, tuple[float, float]]:
+        total = all_reduce_sum(torch.stack(list(self.sums.values()))).tolist()
+        return dict(zip(self.sums, map(tuple, total)))
+
+
+class _Rows:
+    """Per-sample rows with named columns ({name: width}), kept with their global index for the gather."""
+
+    def __init__(self, **columns: int):
+        self.columns = columns
+        self.width = 1 + sum(columns.values())
+        self.chunks: list[torch.Tensor] = []
+
+    def add(self, index: torch.Tensor, **values: torch.Tensor) -> None:
+        n = len(index)
+        self.chunks.append(torch.cat([index, *(values[c].reshape(n, -1).float() for c in self.columns)], 1))
+
+    def split(self, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, at = {"index": matrix[:, 0]}, 1
+        for name, width in self.columns.items():
+            out[name], at = matrix[:, at:at + width], at + width
         return out
 
 
