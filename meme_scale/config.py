@@ -137,7 +137,9 @@ class OptimConfig(Section):
     """Adam's betas."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     """Adam's weight decay."""
-    grad_clip: Annotated[float, Field(ge=0)] = 0.0
+    # 1.0 is what every run had before this key reached DeepSpeed (its silent default); MEME on the quickstart
+    # data, f = 1, 2000 steps: cross coherence 0.887 with it, 0.850 without.
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0
     """Gradient norm clipping; 0 disables it."""
 
 

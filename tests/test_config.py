@@ -75,8 +75,9 @@ def test_deepspeed_json_follows_config():
     ds = deepspeed_config(cfg, world_size=3)
     assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
     assert ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 16 * 4 * 3
-    plain = deepspeed_config(load_config(None), 1, "fp32")
-    assert "fp16" not in ds and plain["gradient_clipping"] == 0.0  # absent, DeepSpeed would clip at 1.0
+    assert "fp16" not in ds
+    # always written: absent, DeepSpeed clips at 1.0 whatever the config says
+    assert deepspeed_config(load_config(None, ["optim.grad_clip=0"]), 1, "fp32")["gradient_clipping"] == 0.0
 
 
 def test_bf16_raises_the_zero_stage_and_auto_needs_resolving():
@@ -112,3 +113,7 @@ def test_a_wrong_allowed_value_names_key_file_and_the_allowed_values(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}: key 'data.missing' must be one of ['s', 't', 'either'], got 'both'"
+
+
+def test_every_doc_is_one_line():
+    assert all("\n" not in doc for *_, doc in describe_keys())
