@@ -7,7 +7,7 @@ DATA ?= data/quickstart
 ARGS ?=
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test lint clean
 
 # Without a GPU, torch comes from PyTorch's CPU index (PyPI's Linux wheel is the multi-GB CUDA build);
 # a local wheel cache that already holds the CPU build wins either way (an unreachable index only warns).
@@ -34,6 +34,11 @@ quickstart: $(DATA)/classifiers/mnist.pt
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# ruff's lint and format rules live in pyproject.toml; CI runs this before the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) runs data

@@ -12,9 +12,9 @@ resnet101``, the paper's setting) and 8x8 average-pooled pixels otherwise.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -57,8 +57,9 @@ def load_word_vectors(path: str | Path) -> WordVectors:
         except ValueError:
             raise ValueError(f"word vectors {path}, line {number}: expected 'word v1 ... vD' numbers") from None
         if rows and len(values) != len(rows[0]):
-            raise ValueError(f"word vectors {path}, line {number}: {len(values)} values, earlier lines have "
-                             f"{len(rows[0])}")  # fmt: skip
+            raise ValueError(
+                f"word vectors {path}, line {number}: {len(values)} values, earlier lines have {len(rows[0])}"
+            )
         if len(values) == 0 or not np.isfinite(values).all():
             raise ValueError(f"word vectors {path}, line {number}: needs finite values after the word")
         index.setdefault(parts[0].lower(), len(rows))
@@ -177,8 +178,17 @@ class CCAScorer:
         self.tokenizer, self.embedder, self.cca = tokenizer, embedder, cca
 
     @classmethod
-    def fit(cls, batches: Iterable[dict], image: str, image_kind: str, caption: str, tokenizer,
-            vectors: WordVectors, n_samples: int, n_components: int) -> CCAScorer:  # fmt: skip
+    def fit(
+        cls,
+        batches: Iterable[dict],
+        image: str,
+        image_kind: str,
+        caption: str,
+        tokenizer,
+        vectors: WordVectors,
+        n_samples: int,
+        n_components: int,
+    ) -> CCAScorer:
         from .metrics import fit_cca
 
         feats, texts = [], []
@@ -194,6 +204,7 @@ class CCAScorer:
 
     def score(self, images: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         """``[sum of pair scores, number of pairs]`` (float32, on ``images``' device)."""
-        scores = self.cca.pair_scores(image_features(images, self.image_kind),
-                                      self.embedder(self.tokenizer.decode_batch(caption_ids)))  # fmt: skip
+        scores = self.cca.pair_scores(
+            image_features(images, self.image_kind), self.embedder(self.tokenizer.decode_batch(caption_ids))
+        )
         return torch.tensor([float(scores.sum()), float(len(scores))], device=images.device)

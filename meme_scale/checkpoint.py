@@ -145,8 +145,9 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
     meta = read_meta(ckpt_dir, tag)
     same_world = meta.get("world_size") == world_size
     if same_world or engine.zero_optimization_stage() == 0:
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)  # fmt: skip
+        path, _ = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     else:
@@ -158,9 +159,12 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
     elif rank == 0:
         log.warning(
             "checkpoint %s was written by %s ranks, resuming with %s: the data order and random draws differ "
-            "from an uninterrupted run from here on%s", tag, meta.get("world_size"), world_size,
+            "from an uninterrupted run from here on%s",
+            tag,
+            meta.get("world_size"),
+            world_size,
             "" if engine.zero_optimization_stage() == 0 else "; ZeRO optimizer moments were re-initialised",
-        )  # fmt: skip
+        )
     return meta
 
 
@@ -212,8 +216,9 @@ def _bf16_optimizer_weights(tag_dir: Path, param_shapes: list[dict]) -> dict[str
     """
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    files = sorted(tag_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda f: int(f.name.split("_")[4]))  # fmt: skip
+    files = sorted(
+        tag_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda f: int(f.name.split("_")[4])
+    )
     with torch.serialization.safe_globals([fragment_address]):
         parts = [torch.load(f, map_location="cpu", weights_only=True)["optimizer_state_dict"] for f in files]
     if len(parts) != parts[0]["partition_count"][0]:

@@ -55,7 +55,10 @@ class DigitClassifier(nn.Module):
             channels = WIDTHS[0]
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels * h * w, HIDDEN), nn.ReLU(), nn.Dropout(0.25),
+            nn.Flatten(),
+            nn.Linear(channels * h * w, HIDDEN),
+            nn.ReLU(),
+            nn.Dropout(0.25),
             nn.Linear(HIDDEN, num_classes),
         )
 
@@ -80,8 +83,15 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def train_classifier(images: Tensor, labels: Tensor, num_classes: int, epochs: int = 30, lr: float = 1e-3,
-                     batch_size: int = 128, seed: int = 0) -> tuple[DigitClassifier, float]:  # fmt: skip
+def train_classifier(
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> tuple[DigitClassifier, float]:
     """Trains a ``DigitClassifier`` on ``images [N, C, H, W]`` (float in [0, 1] or uint8) and ``labels [N]``.
 
     Adam(lr), ``epochs`` passes over the data in shuffled minibatches of ``batch_size``, cross

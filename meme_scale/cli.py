@@ -1,9 +1,9 @@
 """``meme-scale`` command: one entry for the project's verbs.
 
-    meme-scale train --config configs/quickstart.yaml [key=value ...]   (one process; use deepspeed/torchrun for more)
-    meme-scale eval --checkpoint runs/quickstart/checkpoints --config configs/quickstart.yaml [--out report.json]
-    meme-scale tune --config configs/sweeps/<name>.yaml [--resume] [key=value ...]   (a Ray Tune sweep)
-    meme-scale sync RUN_DIR [--tracking-uri URL]   (deliver a run's queued MLflow tracking, here or to another server)
+meme-scale train --config configs/quickstart.yaml [key=value ...]   (one process; use deepspeed/torchrun for more)
+meme-scale eval --checkpoint runs/quickstart/checkpoints --config configs/quickstart.yaml [--out report.json]
+meme-scale tune --config configs/sweeps/<name>.yaml [--resume] [key=value ...]   (a Ray Tune sweep)
+meme-scale sync RUN_DIR [--tracking-uri URL]   (deliver a run's queued MLflow tracking, here or to another server)
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="meme-scale", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="meme-scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("verb", choices=["train", "eval", "tune", "sync"], help="what to do")
     args, rest = parser.parse_known_args(argv[:1])
     if args.verb == "train":
@@ -34,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="meme-scale eval", description="Evaluate a checkpoint or an export "
-                                     "(coherence, latent accuracy, relatedness); runs under torchrun too.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="meme-scale eval",
+        description="Evaluate a checkpoint or an export "
+        "(coherence, latent accuracy, relatedness); runs under torchrun too.",
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoints dir, one step_* dir, or an exported .pt")
     parser.add_argument("--config", required=True)
     parser.add_argument("--out", default=None, help="JSON report (default: <run.dir>/eval_report.json)")
@@ -57,11 +61,18 @@ def eval_main(argv: list[str]) -> int:
 
 
 def sync_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="meme-scale sync", description="Deliver the MLflow tracking a run queued "
-                                     "while its server was away (<RUN_DIR>/tracking_queue), in order.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="meme-scale sync",
+        description="Deliver the MLflow tracking a run queued "
+        "while its server was away (<RUN_DIR>/tracking_queue), in order.",
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's run.dir")
-    parser.add_argument("--tracking-uri", default=None, help="deliver to this server instead (the run's whole "
-                        "history becomes a new run there); default: the server the run was logging to")  # fmt: skip
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="deliver to this server instead (the run's whole "
+        "history becomes a new run there); default: the server the run was logging to",
+    )
     args = parser.parse_args(argv)
     from .tracking import TrackingUnavailable, sync_queue
 
@@ -71,8 +82,10 @@ def sync_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrackingUnavailable) else 2
     runs = ", ".join(sorted(set(result["runs"].values()))) or "none"
-    print(f"delivered {result['delivered']} record(s) to {result['tracking_uri']} ({result['rejected']} refused); "
-          f"MLflow run(s): {runs}")  # fmt: skip
+    print(
+        f"delivered {result['delivered']} record(s) to {result['tracking_uri']} ({result['rejected']} refused); "
+        f"MLflow run(s): {runs}"
+    )
     return 0
 
 

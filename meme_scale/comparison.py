@@ -16,32 +16,46 @@ JOINT = "eval/coherence_joint"
 # MEME's joint coherence decodes z drawn from its pseudo-sample mixture, the baselines' from N(0, I).
 # With every sample paired (f = 1) nothing trains the pseudo-samples: they stay the training images
 # they were initialised with, so the number measures encode-then-decode of N fixed training images.
-JOINT_NOTE = ("MEME's joint coherence decodes z from its pseudo-sample mixture (the baselines': N(0, I)). "
-              "At f = 1 (marked †) no sample is unpaired, so the pseudo-samples never train: the number is "
-              "the coherence of N fixed training images encoded and decoded, not of a learned prior. At f < 1 "
-              "they train only through the unpaired samples' KL terms.")  # fmt: skip
+JOINT_NOTE = (
+    "MEME's joint coherence decodes z from its pseudo-sample mixture (the baselines': N(0, I)). "
+    "At f = 1 (marked †) no sample is unpaired, so the pseudo-samples never train: the number is "
+    "the coherence of N fixed training images encoded and decoded, not of a learned prior. At f < 1 "
+    "they train only through the unpaired samples' KL terms."
+)
 
 
 def columns(names: list[str]) -> list[tuple[str, str]]:
     s, t = names
-    return [("cross coherence", CROSS), (f"{s}→{t}", f"eval/coherence_{s}_to_{t}"),
-            (f"{t}→{s}", f"eval/coherence_{t}_to_{s}"), ("joint", JOINT),
-            (f"latent acc {s}", f"eval/latent_accuracy_{s}"), (f"latent acc {t}", f"eval/latent_accuracy_{t}")]  # fmt: skip
+    return [
+        ("cross coherence", CROSS),
+        (f"{s}→{t}", f"eval/coherence_{s}_to_{t}"),
+        (f"{t}→{s}", f"eval/coherence_{t}_to_{s}"),
+        ("joint", JOINT),
+        (f"latent acc {s}", f"eval/latent_accuracy_{s}"),
+        (f"latent acc {t}", f"eval/latent_accuracy_{t}"),
+    ]
 
 
 def stats(values: list[float]) -> dict | None:
     """Mean, sample standard deviation (0 for one value), min, max and count; None for no values."""
     if not values:
         return None
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def summary(results: dict, names: list[str]) -> dict:
     """``{model: {f: {metric: stats}}}`` over seeds, for every table column."""
     keys = [key for _, key in columns(names)]
-    return {model: {f: {key: stats([r[key] for r in reports if key in r]) for key in keys}
-                    for f, reports in per_f.items()} for model, per_f in results.items()}  # fmt: skip
+    return {
+        model: {f: {key: stats([r[key] for r in reports if key in r]) for key in keys} for f, reports in per_f.items()}
+        for model, per_f in results.items()
+    }
 
 
 def _cell(st: dict | None) -> str:
@@ -55,13 +69,18 @@ def joint_is_untrained_prior(model: str, fraction: float) -> bool:
     return model == "meme" and fraction >= 1.0
 
 
-def markdown(results: dict, models: list[str], fractions: list[float], names: list[str], header: str,
-             recipes: dict[str, str]) -> str:  # fmt: skip
+def markdown(
+    results: dict, models: list[str], fractions: list[float], names: list[str], header: str, recipes: dict[str, str]
+) -> str:
     """The results table: mean ± standard deviation over seeds (n seeds per row), with the notes."""
     cols = columns(names)
     table = summary(results, names)
-    lines = [header, "", "| model | recipe | observed fraction | seeds | " + " | ".join(c for c, _ in cols) + " |",
-             "|---|---|---|---|" + "---|" * len(cols)]  # fmt: skip
+    lines = [
+        header,
+        "",
+        "| model | recipe | observed fraction | seeds | " + " | ".join(c for c, _ in cols) + " |",
+        "|---|---|---|---|" + "---|" * len(cols),
+    ]
     for model in models:
         for f in fractions:
             row = table[model][str(f)]
@@ -74,8 +93,15 @@ def markdown(results: dict, models: list[str], fractions: list[float], names: li
     return "\n".join([*lines, *notes]) + "\n"
 
 
-def coherence_plot(results: dict, models: list[str], fractions: list[float], names: list[str], path: str | Path,
-                   chance: float | None = None, title: str = "") -> Path:  # fmt: skip
+def coherence_plot(
+    results: dict,
+    models: list[str],
+    fractions: list[float],
+    names: list[str],
+    path: str | Path,
+    chance: float | None = None,
+    title: str = "",
+) -> Path:
     """Cross coherence against the observed fraction, one line per model (mean, bars: ± std over seeds),
     one panel per direction: the shape of the MEME paper's figure. Agg canvas, no pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -86,14 +112,21 @@ def coherence_plot(results: dict, models: list[str], fractions: list[float], nam
     fig = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(fig)
     xs = sorted(fractions)
-    for i, (key, label) in enumerate(((f"eval/coherence_{s}_to_{t}", f"{s} → {t}"),
-                                      (f"eval/coherence_{t}_to_{s}", f"{t} → {s}"))):  # fmt: skip
+    for i, (key, label) in enumerate(
+        ((f"eval/coherence_{s}_to_{t}", f"{s} → {t}"), (f"eval/coherence_{t}_to_{s}", f"{t} → {s}"))
+    ):
         ax = fig.add_subplot(1, 2, i + 1)
         for model in models:
             points = [(f, table[model][str(f)][key]) for f in xs if table[model][str(f)][key] is not None]
             if points:
-                ax.errorbar([f for f, _ in points], [p["mean"] for _, p in points],
-                            yerr=[p["std"] for _, p in points], marker="o", capsize=3, label=model)  # fmt: skip
+                ax.errorbar(
+                    [f for f, _ in points],
+                    [p["mean"] for _, p in points],
+                    yerr=[p["std"] for _, p in points],
+                    marker="o",
+                    capsize=3,
+                    label=model,
+                )
         if chance is not None:
             ax.axhline(chance, color="grey", linestyle=":", label="chance")
         ax.set_xscale("log", base=2)

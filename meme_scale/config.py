@@ -26,8 +26,9 @@ class _YamlLoader(yaml.SafeLoader):
     """YAML 1.2 floats: ``1e-4`` is a number (PyYAML, YAML 1.1, reads it as a string)."""
 
 
-_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                  list("-+0123456789"))  # fmt: skip
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -239,7 +240,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def validate_config(raw: dict, source: str) -> Config:
-    """A Config from a plain mapping (a parsed YAML file with overrides; a sweep's trial); errors name key and source."""
+    """A Config from a plain mapping (a parsed YAML file with overrides); errors name the key and ``source``."""
     return validate_model(Config, raw, source, ConfigError)
 
 
@@ -275,7 +276,7 @@ def apply_override(raw: dict, item: str) -> None:
         idx = int(last) if last.isdigit() else -1
         if not 0 <= idx <= len(node):
             raise ConfigError(f"command line: override {item!r}: no list element {last}")
-        node[idx:idx + 1] = [value]
+        node[idx : idx + 1] = [value]
     else:
         node[last] = value
 
@@ -373,8 +374,11 @@ def describe_keys(section: type[Section] = Config, prefix: str = "") -> list[tup
             rows.append((f"{prefix}{name}", f"list of {{{', '.join(inner.model_fields)}}}", [], info.description or ""))
             rows += describe_keys(inner, f"{prefix}{name}.N.")
             continue
-        kind = "|".join(map(str, get_args(inner))) if get_origin(inner) is Literal else getattr(
-            inner, "__name__", str(inner))  # fmt: skip
+        kind = (
+            "|".join(map(str, get_args(inner)))
+            if get_origin(inner) is Literal
+            else getattr(inner, "__name__", str(inner))
+        )
         if get_origin(info.annotation) is list:
             kind = f"list[{kind}]"
         rows.append((f"{prefix}{name}", kind, info.get_default(call_default_factory=True), info.description or ""))

@@ -103,8 +103,9 @@ def adam(parameters, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0) -
     as long as the model's own matmuls. Same update rule; fused=False elsewhere.
     """
     params = list(parameters)
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                for p in params)  # fmt: skip
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params
+    )
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused or None)
 
 

@@ -4,8 +4,8 @@ latent accuracy, relatedness (W2) and the pictures of a model."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -23,7 +23,9 @@ log = logging.getLogger("meme_scale")
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype = torch.float32) -> dict:
     """Moves tensors to the device; float data takes the engine's dtype (bf16 weights need bf16 inputs)."""
     out = {}
-    if isinstance(batch.get("observed"), torch.Tensor) and "observed_host" not in batch:  # the mask stays on the host too: no device sync to read it
+    if (
+        isinstance(batch.get("observed"), torch.Tensor) and "observed_host" not in batch
+    ):  # the mask stays on the host too: no device sync to read it
         out["observed_host"] = batch["observed"]
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -63,8 +65,13 @@ def metric_names(cfg, meta: dict, kinds: dict[str, str]) -> set[str]:
     if meta.get("label"):
         names |= {f"eval/latent_accuracy_{m}" for m in kinds}
         if all(p.is_file() for p in classifier_paths(cfg, kinds).values()):
-            names |= {"eval/cross_coherence", f"eval/coherence_{s}_to_{t}", f"eval/coherence_{t}_to_{s}",
-                      "eval/coherence_joint", *(f"eval/classifier_accuracy_{m}" for m in kinds)}  # fmt: skip
+            names |= {
+                "eval/cross_coherence",
+                f"eval/coherence_{s}_to_{t}",
+                f"eval/coherence_{t}_to_{s}",
+                "eval/coherence_joint",
+                *(f"eval/classifier_accuracy_{m}" for m in kinds),
+            }
     pair = cca_pair(kinds)
     if pair is not None and word_vectors_path(cfg).is_file():
         image, caption = pair
@@ -82,8 +89,15 @@ class Evaluator:
     Every rank reads the whole split but decodes it only to skip: cheap for eval-sized splits.
     """
 
-    def __init__(self, model: MultimodalVAE, cfg, rank: int, world_size: int, device: torch.device,
-                 float_dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        model: MultimodalVAE,
+        cfg,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        float_dtype: torch.dtype = torch.float32,
+    ):
         self.model, self.cfg = model, cfg
         self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, float_dtype
         self.meta = read_meta(cfg.data.root)
@@ -96,8 +110,12 @@ class Evaluator:
         paths = classifier_paths(self.cfg, self.model.names)
         if not self.has_labels or not all(p.is_file() for p in paths.values()):
             if self.rank == 0:
-                log.info("no classifiers for %s in %s: coherence is skipped (tools/train_classifiers.py --shards %s)",
-                         "+".join(self.model.names), next(iter(paths.values())).parent, self.cfg.data.root)  # fmt: skip
+                log.info(
+                    "no classifiers for %s in %s: coherence is skipped (tools/train_classifiers.py --shards %s)",
+                    "+".join(self.model.names),
+                    next(iter(paths.values())).parent,
+                    self.cfg.data.root,
+                )
             return None
         return {m: load_classifier(p, map_location=self.device) for m, p in paths.items()}
 
@@ -113,18 +131,41 @@ class Evaluator:
             if self.cfg.eval.cca_word_vectors:
                 raise FileNotFoundError(f"eval.cca_word_vectors: {path} does not exist")
             if self.rank == 0:
-                log.info("no word vectors at %s: CCA coherence is skipped (tools/word_vectors.py --shards %s)",
-                         path, self.cfg.data.root)  # fmt: skip
+                log.info(
+                    "no word vectors at %s: CCA coherence is skipped (tools/word_vectors.py --shards %s)",
+                    path,
+                    self.cfg.data.root,
+                )
             return None
-        batches = eval_batches(self.cfg.data.root, self.cfg.data.train_split, self.cfg.train.micro_batch_size,
-                               modalities=[image, caption], rank=0, world_size=1)  # fmt: skip
+        batches = eval_batches(
+            self.cfg.data.root,
+            self.cfg.data.train_split,
+            self.cfg.train.micro_batch_size,
+            modalities=[image, caption],
+            rank=0,
+            world_size=1,
+        )
         tokenizer = load_tokenizer(self.cfg.data.root, self.meta, caption)
-        return CCAScorer.fit(batches, image, kinds[image], caption, tokenizer, load_word_vectors(path),
-                             self.cfg.eval.cca_train_samples, self.cfg.eval.cca_components)  # fmt: skip
+        return CCAScorer.fit(
+            batches,
+            image,
+            kinds[image],
+            caption,
+            tokenizer,
+            load_word_vectors(path),
+            self.cfg.eval.cca_train_samples,
+            self.cfg.eval.cca_components,
+        )
 
     def _chunks(self, split: str, max_chunks: int = 0) -> Iterator[tuple[int, dict]]:
-        batches = eval_batches(self.cfg.data.root, split, self.cfg.train.micro_batch_size,
-                               modalities=self.model.names, rank=0, world_size=1)  # fmt: skip
+        batches = eval_batches(
+            self.cfg.data.root,
+            split,
+            self.cfg.train.micro_batch_size,
+            modalities=self.model.names,
+            rank=0,
+            world_size=1,
+        )
         for j, batch in enumerate(batches):
             if max_chunks and j >= max_chunks:
                 return
@@ -171,8 +212,10 @@ class Evaluator:
             index = self._global_index(j, n)
             if self.classifiers is not None:
                 for x, y in ((s, t), (t, s)):
-                    tally.add(f"coherence_{x}_to_{y}", metrics.cross_coherence_counts(
-                        model, x, y, batch[x], batch["label"], self.classifiers[y]))  # fmt: skip
+                    tally.add(
+                        f"coherence_{x}_to_{y}",
+                        metrics.cross_coherence_counts(model, x, y, batch[x], batch["label"], self.classifiers[y]),
+                    )
             if cca is not None:
                 for name, pair in self._cca_pairs(cca, batch).items():
                     tally.add(name, pair)
@@ -187,7 +230,9 @@ class Evaluator:
         totals = tally.reduce()
 
         out = {f"eval/{k}": a / c for k, (a, c) in totals.items() if c > 0 and k not in coherence + cca_names}
-        out["eval/complete_pairs"] = totals["loss"][1]  # eval_batches yields complete pairs only: how many were evaluated
+        out["eval/complete_pairs"] = totals["loss"][
+            1
+        ]  # eval_batches yields complete pairs only: how many were evaluated
         for key in coherence + cca_names:
             out[f"eval/{key}"] = totals[key][0] / max(totals[key][1], 1)
         if self.classifiers is not None:
@@ -199,7 +244,9 @@ class Evaluator:
             paired, mismatched = relatedness["paired"][:, 0], relatedness["mismatched"][:, 0]
             out["eval/w2_paired"], out["eval/w2_mismatched"] = paired.mean().item(), mismatched.mean().item()
             if histogram is not None and self.rank == 0:
-                metrics.relatedness_histogram_png(paired, mismatched, histogram, title=f"W2 between q(z|{s}) and q(z|{t})")
+                metrics.relatedness_histogram_png(
+                    paired, mismatched, histogram, title=f"W2 between q(z|{s}) and q(z|{t})"
+                )
         if self.has_labels:
             out.update(self._latent_accuracy(latents))
         return broadcast_object(out)
@@ -219,8 +266,12 @@ class Evaluator:
         if self.cca is None:
             return {}
         image, caption = self.cca.image, self.cca.caption
-        return {"image_to_caption": f"cca_{image}_to_{caption}", "caption_to_image": f"cca_{caption}_to_{image}",
-                "joint": "cca_joint", "data": "cca_data"}  # fmt: skip
+        return {
+            "image_to_caption": f"cca_{image}_to_{caption}",
+            "caption_to_image": f"cca_{caption}_to_{image}",
+            "joint": "cca_joint",
+            "data": "cca_data",
+        }
 
     def _cca_pairs(self, cca: CCAScorer, batch: dict) -> dict[str, torch.Tensor]:
         """[sum, count] of the image with its generated caption, the generated image with its caption, and the
@@ -228,9 +279,11 @@ class Evaluator:
         image, caption = cca.image, cca.caption
         x_img, x_cap = batch[image], batch[caption]
         names = self._cca_names()
-        return {names["image_to_caption"]: cca.score(x_img, self.model.cross_generate(image, caption, x_img)),
-                names["caption_to_image"]: cca.score(self.model.cross_generate(caption, image, x_cap), x_cap),
-                names["data"]: cca.score(x_img, x_cap)}  # fmt: skip
+        return {
+            names["image_to_caption"]: cca.score(x_img, self.model.cross_generate(image, caption, x_img)),
+            names["caption_to_image"]: cca.score(self.model.cross_generate(caption, image, x_cap), x_cap),
+            names["data"]: cca.score(x_img, x_cap),
+        }
 
     def _cca_joint(self, cca: CCAScorer) -> torch.Tensor:
         """Prior samples decoded into both modalities, as [sum, count]."""
@@ -263,8 +316,13 @@ class Evaluator:
             fit, held_out = self._gather(train[m]), self._gather(test[m])
             if len(fit["index"]) and len(held_out["index"]) and self.rank == 0:
                 out[f"eval/latent_accuracy_{m}"] = metrics.latent_accuracy(
-                    fit["z"], fit["label"][:, 0].long(), held_out["z"], held_out["label"][:, 0].long(),
-                    epochs=self.cfg.eval.latent_epochs, seed=self.cfg.eval.seed)  # fmt: skip
+                    fit["z"],
+                    fit["label"][:, 0].long(),
+                    held_out["z"],
+                    held_out["label"][:, 0].long(),
+                    epochs=self.cfg.eval.latent_epochs,
+                    seed=self.cfg.eval.seed,
+                )
         return out
 
 
@@ -301,13 +359,19 @@ class _Rows:
     def split(self, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
         out, at = {"index": matrix[:, 0]}, 1
         for name, width in self.columns.items():
-            out[name], at = matrix[:, at:at + width], at + width
+            out[name], at = matrix[:, at : at + width], at + width
         return out
 
 
 @torch.no_grad()
-def picture_grid(model: MultimodalVAE, batch: dict, path: str | Path, device: torch.device,
-                 float_dtype: torch.dtype = torch.float32, n: int = 10) -> Path | None:  # fmt: skip
+def picture_grid(
+    model: MultimodalVAE,
+    batch: dict,
+    path: str | Path,
+    device: torch.device,
+    float_dtype: torch.dtype = torch.float32,
+    n: int = 10,
+) -> Path | None:
     """Data, reconstructions, cross-generations and prior samples for image modalities (captions as text)."""
     texts = caption_texts(batch.get("tokenizers"))  # caption modality -> ids to strings
     images = [name for name in model.names if model.specs[name].kind == "image" or name in texts]
@@ -343,7 +407,8 @@ def _rows(model: MultimodalVAE, batch: dict, images: list[str], n: int, show=lam
 
 def load_weights(path: str | Path) -> tuple[dict, int | None]:
     """(state_dict, step) from an exported ``.pt`` file or a checkpoint directory (newest complete tag)."""
-    from .checkpoint import consolidated_state_dict, read_meta as read_checkpoint_meta, resolve
+    from .checkpoint import consolidated_state_dict, resolve
+    from .checkpoint import read_meta as read_checkpoint_meta
 
     path = Path(path)
     if path.is_file():
@@ -367,13 +432,19 @@ def evaluate_checkpoint(cfg, checkpoint: str | Path, out: str | Path | None = No
     state, step = load_weights(checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{checkpoint} does not fit model {cfg.model.name!r}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")  # fmt: skip
+        raise ValueError(
+            f"{checkpoint} does not fit model {cfg.model.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.to(info.device)
     out = Path(out or Path(cfg.run.dir) / "eval_report.json")
-    report = {"checkpoint": str(checkpoint), "step": step, "world_size": info.world_size,
-              **Evaluator(model, cfg, info.rank, info.world_size, info.device)(
-                  histogram=out.with_name(out.stem + "_relatedness.png"))}  # fmt: skip
+    report = {
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "world_size": info.world_size,
+        **Evaluator(model, cfg, info.rank, info.world_size, info.device)(
+            histogram=out.with_name(out.stem + "_relatedness.png")
+        ),
+    }
     if info.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

@@ -48,15 +48,21 @@ def cpu_capabilities() -> dict:
     """What torch reports of this CPU (vector ISA it dispatches to, bf16 and AMX instructions)."""
     cpu = torch.cpu
     flag = lambda name: bool(getattr(cpu, name, lambda: False)())  # noqa: E731 - private, absent in old torch
-    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": flag("_is_avx512_bf16_supported"),
-            "amx": flag("_is_amx_tile_supported"), "cores_available": available_cores()}  # fmt: skip
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512_bf16": flag("_is_avx512_bf16_supported"),
+        "amx": flag("_is_amx_tile_supported"),
+        "cores_available": available_cores(),
+    }
 
 
 def probe_bf16_matmul(size: int = PROBE_SIZE, repeats: int = 3) -> dict:
     """GFLOP/s of a ``size`` x ``size`` matmul in fp32 and bf16 with this process's threads: the best of
     ``repeats``, the two dtypes interleaved so that a burst of load from elsewhere hits both alike."""
-    mats = {name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+    mats = {
+        name: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     best = dict.fromkeys(mats, math.inf)
     for a, b in mats.values():
         torch.mm(a, b)  # warm-up: oneDNN/MKL pick and cache their kernels
@@ -81,27 +87,40 @@ def resolve_precision(requested: str, device: torch.device, probe=probe_bf16_mat
         name = torch.cuda.get_device_name(device)
         native = torch.cuda.is_bf16_supported()
         if requested == "auto":
-            return PrecisionChoice(requested, "bf16" if native else "fp32",
-                                   f"{name} {'supports' if native else 'lacks'} bf16")  # fmt: skip
+            return PrecisionChoice(
+                requested, "bf16" if native else "fp32", f"{name} {'supports' if native else 'lacks'} bf16"
+            )
         if requested == "bf16" and not native:
-            log.warning("train.precision is bf16, but %s lacks native bf16: expect it to be much slower than fp32 "
-                        "(train.precision=auto would choose fp32)", name)  # fmt: skip
+            log.warning(
+                "train.precision is bf16, but %s lacks native bf16: expect it to be much slower than fp32 "
+                "(train.precision=auto would choose fp32)",
+                name,
+            )
         return PrecisionChoice(requested, requested, f"train.precision is {requested} ({name})")
     if requested == "fp16":
         raise ValueError("train.precision fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use auto, bf16 or fp32")
     measured = {**cpu_capabilities(), **probe()}
     speedup = measured["bf16_speedup"]
-    summary = (f"bf16 matmul {measured['bf16_gflops']:.1f} GFLOP/s vs fp32 {measured['fp32_gflops']:.1f} "
-               f"({speedup:.2f}x) on this CPU ({measured['cpu_capability']}, AVX-512 BF16 "
-               f"{'yes' if measured['avx512_bf16'] else 'no'}, AMX {'yes' if measured['amx'] else 'no'})")  # fmt: skip
+    summary = (
+        f"bf16 matmul {measured['bf16_gflops']:.1f} GFLOP/s vs fp32 {measured['fp32_gflops']:.1f} "
+        f"({speedup:.2f}x) on this CPU ({measured['cpu_capability']}, AVX-512 BF16 "
+        f"{'yes' if measured['avx512_bf16'] else 'no'}, AMX {'yes' if measured['amx'] else 'no'})"
+    )
     if requested == "auto":
         fast = speedup >= BF16_MIN_SPEEDUP
-        return PrecisionChoice(requested, "bf16" if fast else "fp32",
-                               f"{summary}: {'bf16' if fast else 'fp32'} (bf16 needs >= {BF16_MIN_SPEEDUP}x)",
-                               measured)  # fmt: skip
+        return PrecisionChoice(
+            requested,
+            "bf16" if fast else "fp32",
+            f"{summary}: {'bf16' if fast else 'fp32'} (bf16 needs >= {BF16_MIN_SPEEDUP}x)",
+            measured,
+        )
     if speedup < 1.0:
-        log.warning("train.precision is bf16, but this CPU runs bf16 %.0fx slower than fp32 (%s); "
-                    "train.precision=auto would choose fp32", 1 / max(speedup, 1e-9), summary)  # fmt: skip
+        log.warning(
+            "train.precision is bf16, but this CPU runs bf16 %.0fx slower than fp32 (%s); "
+            "train.precision=auto would choose fp32",
+            1 / max(speedup, 1e-9),
+            summary,
+        )
     return PrecisionChoice(requested, "bf16", f"train.precision is bf16; {summary}", measured)
 
 

@@ -25,8 +25,7 @@ from .data.patterns import pattern_counts
 from .data.shards import TrainStream, eval_batches, read_meta
 from .data.storage import storage_for
 from .data.workers import start_worker_server
-from .engine import (DistInfo, adam, all_gather_object, all_reduce_sum, broadcast_object, build_engine,  # fmt: skip
-                     init_distributed)
+from .engine import DistInfo, adam, all_gather_object, all_reduce_sum, broadcast_object, build_engine, init_distributed
 from .evaluate import Evaluator, picture_grid, to_device
 from .hardware import DTYPES, PrecisionChoice, configure_threads, resolve_precision
 from .models import build_model, count_parameters, modality_specs, pick_pseudo_samples
@@ -105,8 +104,14 @@ class Run:
         return self.run_dir / "checkpoints"
 
 
-def run(cfg: Config, resume: str | None = None, config_path: str | None = None, report=None,
-        run_id: str | None = None, optim_from_config: bool = False) -> dict:  # fmt: skip
+def run(
+    cfg: Config,
+    resume: str | None = None,
+    config_path: str | None = None,
+    report=None,
+    run_id: str | None = None,
+    optim_from_config: bool = False,
+) -> dict:
     """Trains ``cfg`` to ``train.max_steps`` (or until stopped) and returns the summary dict.
 
     ``resume``: None (start fresh; refuses a run dir that already has checkpoints), "auto" (newest
@@ -129,15 +134,22 @@ def run(cfg: Config, resume: str | None = None, config_path: str | None = None, 
 
 
 # -- setup ------------------------------------------------------------------------------------------
-def setup(cfg: Config, stop: StopFlag, resume: str | None = None, config_path: str | None = None,
-          run_id: str | None = None, optim_from_config: bool = False) -> Run:  # fmt: skip
+def setup(
+    cfg: Config,
+    stop: StopFlag,
+    resume: str | None = None,
+    config_path: str | None = None,
+    run_id: str | None = None,
+    optim_from_config: bool = False,
+) -> Run:
     if cfg.data.num_workers:
         start_worker_server()  # imports in the background while the engine is set up
     info = init_distributed()
     _setup_logging(info)
     # a tracking server that does not answer is an error now, on every rank, not after the whole setup
-    problem = tracking_problem(cfg.run.tracking_uri, cfg.run.tracking_required, Path(cfg.run.dir)) \
-        if info.is_main else None  # fmt: skip
+    problem = (
+        tracking_problem(cfg.run.tracking_uri, cfg.run.tracking_required, Path(cfg.run.dir)) if info.is_main else None
+    )
     if problem := broadcast_object(problem):
         raise TrackingUnavailable(problem)
     hardware, precision = _choose_threads_and_precision(cfg, info)
@@ -147,13 +159,32 @@ def setup(cfg: Config, stop: StopFlag, resume: str | None = None, config_path: s
     state, noise_rng = _restore(cfg, info, engine, resume, optim_from_config)
     record = {**hardware, **pattern_counts(meta)}  # what this run found: MLflow params, summary.json
     tracker = _open_tracking(cfg, info, state, run_id, config_path, record, n_params)
-    train_data = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
-                             **_stream_args(cfg, info, names), start_epoch=state.epoch, start_batch=state.batch)
+    train_data = TrainStream(
+        cfg.data.root,
+        cfg.data.train_split,
+        cfg.train.micro_batch_size,
+        **_stream_args(cfg, info, names),
+        start_epoch=state.epoch,
+        start_batch=state.batch,
+    )
     evaluator = Evaluator(engine.module, cfg, info.rank, info.world_size, info.device, DTYPES[precision.precision])
     progress = Progress(cfg.train.max_steps, state.step, cfg.run.progress, enabled=info.is_main)
-    return Run(cfg=cfg, info=info, engine=engine, state=state, tracker=tracker, train_data=train_data,
-               evaluator=evaluator, progress=progress, stop=stop, precision=precision, hardware=hardware,
-               patterns=pattern_counts(meta), noise_rng=noise_rng, samples_at_start=state.samples)
+    return Run(
+        cfg=cfg,
+        info=info,
+        engine=engine,
+        state=state,
+        tracker=tracker,
+        train_data=train_data,
+        evaluator=evaluator,
+        progress=progress,
+        stop=stop,
+        precision=precision,
+        hardware=hardware,
+        patterns=pattern_counts(meta),
+        noise_rng=noise_rng,
+        samples_at_start=state.samples,
+    )
 
 
 def _choose_threads_and_precision(cfg: Config, info: DistInfo) -> tuple[dict, PrecisionChoice]:
@@ -163,8 +194,13 @@ def _choose_threads_and_precision(cfg: Config, info: DistInfo) -> tuple[dict, Pr
     precision = broadcast_object(resolve_precision(cfg.train.precision, info.device) if info.is_main else None)
     hardware |= {"precision": precision.precision, "precision_reason": precision.reason}
     if info.is_main:
-        log.info("precision %s: %s; %d compute thread(s) per rank (%s)", precision.precision, precision.reason,
-                 hardware["threads"], hardware["threads_reason"])  # fmt: skip
+        log.info(
+            "precision %s: %s; %d compute thread(s) per rank (%s)",
+            precision.precision,
+            precision.reason,
+            hardware["threads"],
+            hardware["threads_reason"],
+        )
     return hardware, precision
 
 
@@ -202,49 +238,84 @@ def _restore(cfg: Config, info: DistInfo, engine, resume: str | None, optim_from
         state.epoch, state.batch = state.epoch + 1, 0
         torch.manual_seed((cfg.train.seed * 1000 + info.rank) * 1_000_003 + state.step)
     if info.is_main:
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir / tag, state.step, state.epoch,
-                 state.batch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)", ckpt_dir / tag, state.step, state.epoch, state.batch
+        )
     return state, checkpoint.rng_state()
 
 
-def _open_tracking(cfg: Config, info: DistInfo, state: State, run_id: str | None, config_path: str | None,
-                   found: dict, n_params: int):  # fmt: skip
+def _open_tracking(
+    cfg: Config, info: DistInfo, state: State, run_id: str | None, config_path: str | None, found: dict, n_params: int
+):
     run_dir = Path(cfg.run.dir)
     tags = {"model": cfg.model.name, "world_size": info.world_size}
-    tracker = open_tracker(info.is_main, cfg.run.tracking_uri, run_dir, cfg.run.experiment, cfg.run.run_name,
-                           run_id=state.run_id or run_id, tags=tags, required=cfg.run.tracking_required)
+    tracker = open_tracker(
+        info.is_main,
+        cfg.run.tracking_uri,
+        run_dir,
+        cfg.run.experiment,
+        cfg.run.run_name,
+        run_id=state.run_id or run_id,
+        tags=tags,
+        required=cfg.run.tracking_required,
+    )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         if state.run_id is None:
-            tracker.log_params({**flatten(cfg), "world_size": info.world_size, "parameters": n_params,
-                                **{k if k.startswith("patterns.") else f"resolved.{k}": v for k, v in found.items()}})
+            tracker.log_params(
+                {
+                    **flatten(cfg),
+                    "world_size": info.world_size,
+                    "parameters": n_params,
+                    **{k if k.startswith("patterns.") else f"resolved.{k}": v for k, v in found.items()},
+                }
+            )
             tracker.log_artifact(run_dir / "config.yaml")
             if config_path:
                 tracker.log_artifact(config_path, "config")
-        log.info("model %s: %s parameters; %d rank(s); mlflow run %s", cfg.model.name, f"{n_params:,}",
-                 info.world_size, tracker.run_ref)  # fmt: skip
+        log.info(
+            "model %s: %s parameters; %d rank(s); mlflow run %s",
+            cfg.model.name,
+            f"{n_params:,}",
+            info.world_size,
+            tracker.run_ref,
+        )
     state.run_id = broadcast_object(tracker.run_ref)  # the MLflow id, or the queue's key while the server is away
     return tracker
 
 
 def _stream_args(cfg: Config, info: DistInfo, names: list[str]) -> dict:
-    return dict(modalities=names, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
-                observed_fraction=cfg.data.observed_fraction, missing=cfg.data.missing,
-                mask_seed=cfg.data.mask_seed, num_workers=cfg.data.num_workers, storage=storage_for(cfg.data))
+    return dict(
+        modalities=names,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.train.seed,
+        observed_fraction=cfg.data.observed_fraction,
+        missing=cfg.data.missing,
+        mask_seed=cfg.data.mask_seed,
+        num_workers=cfg.data.num_workers,
+        storage=storage_for(cfg.data),
+    )
 
 
 def initial_pseudo_samples(cfg: Config, names: list[str]) -> dict[str, torch.Tensor]:
     """N distinct training samples per modality, observed under the run's mask (DESIGN 1.2), the same on
     every rank: one rank's view of the first epoch, read until each modality has N."""
-    one_rank = TrainStream(cfg.data.root, cfg.data.train_split, cfg.train.micro_batch_size,
-                           **{**_stream_args(cfg, DistInfo(0, 1, 0, torch.device("cpu")), names), "num_workers": 0})
+    one_rank = TrainStream(
+        cfg.data.root,
+        cfg.data.train_split,
+        cfg.train.micro_batch_size,
+        **{**_stream_args(cfg, DistInfo(0, 1, 0, torch.device("cpu")), names), "num_workers": 0},
+    )
     first_epoch = (batch for epoch, _, batch in itertools.takewhile(lambda e: e[0] == 0, one_rank))
     try:
         return pick_pseudo_samples(first_epoch, names, cfg.model.pseudo_samples)
     except ValueError as e:
-        raise ValueError(f"{cfg.data.root} ({cfg.data.train_split} split, data.observed_fraction="
-                         f"{cfg.data.observed_fraction}, data.missing={cfg.data.missing}): {e}") from None
+        raise ValueError(
+            f"{cfg.data.root} ({cfg.data.train_split} split, data.observed_fraction="
+            f"{cfg.data.observed_fraction}, data.missing={cfg.data.missing}): {e}"
+        ) from None
 
 
 # -- fit ----------------------------------------------------------------------------------------------
@@ -328,12 +399,21 @@ def _skip_non_finite(r: Run, epoch: int, index: int) -> None:
 def finish(r: Run) -> dict:
     """summary.json, the export and the MLflow status on rank 0; then a Slurm requeue if USR1 asked for one."""
     info, state = r.info, r.state
-    summary = {"status": "stopped" if r.stopped_by else "finished", "step": state.step, "stopped_by": r.stopped_by,
-               "nan_skipped": state.nan_skipped, "wall_s": time.perf_counter() - r.t_start,  # this session's
-               "mlflow_run_id": state.run_id, "tracking_uri": r.tracker.tracking_uri,
-               "checkpoint": str(r.ckpt_dir / checkpoint.tag_for(state.step)), "run_dir": str(r.run_dir),
-               "world_size": info.world_size, "hardware": r.hardware, "precision": r.precision.as_record(),
-               "patterns": r.patterns}  # fmt: skip
+    summary = {
+        "status": "stopped" if r.stopped_by else "finished",
+        "step": state.step,
+        "stopped_by": r.stopped_by,
+        "nan_skipped": state.nan_skipped,
+        "wall_s": time.perf_counter() - r.t_start,  # this session's
+        "mlflow_run_id": state.run_id,
+        "tracking_uri": r.tracker.tracking_uri,
+        "checkpoint": str(r.ckpt_dir / checkpoint.tag_for(state.step)),
+        "run_dir": str(r.run_dir),
+        "world_size": info.world_size,
+        "hardware": r.hardware,
+        "precision": r.precision.as_record(),
+        "patterns": r.patterns,
+    }
     new_samples = all_reduce_sum(torch.tensor([state.samples - r.samples_at_start])).item()
     summary["samples_per_s"] = new_samples / max(summary["wall_s"], 1e-9)
     summary["parameter_digest_per_rank"] = all_gather_object(parameter_digest(r.engine.module))
@@ -349,9 +429,15 @@ def finish(r: Run) -> dict:
         r.tracker.finish("FINISHED")
     summary.update(r.tracker.summary_fields())  # the MLflow id (if the server has created the run) and what is queued
     (r.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("done: step %d; checkpoint %s; mlflow run %s at %s; pictures %s; summary %s", state.step,
-             summary["checkpoint"], summary["mlflow_run_id"], r.tracker.tracking_uri, r.run_dir / "pictures",
-             r.run_dir / "summary.json")  # fmt: skip
+    log.info(
+        "done: step %d; checkpoint %s; mlflow run %s at %s; pictures %s; summary %s",
+        state.step,
+        summary["checkpoint"],
+        summary["mlflow_run_id"],
+        r.tracker.tracking_uri,
+        r.run_dir / "pictures",
+        r.run_dir / "summary.json",
+    )
     if r.stopped_by:  # last: Slurm stops this job as soon as the requeue goes through
         if r.requeue:  # only for Slurm's USR1 warning: a user's scancel (TERM) must not requeue
             requeue_slurm_job()
@@ -365,10 +451,22 @@ def _record_failure(r: Run, error: BaseException) -> None:
     if not r.info.is_main:
         return
     r.tracker.finish("FAILED")
-    r.run_dir.joinpath("summary.json").write_text(json.dumps(
-        {"status": "failed", "error": f"{type(error).__name__}: {error}", "step": r.state.step, "hardware": r.hardware,
-         "nan_skipped": r.state.nan_skipped, "mlflow_run_id": r.state.run_id, "run_dir": str(r.run_dir),
-         "last_checkpoint": checkpoint.latest_tag(r.ckpt_dir), **r.tracker.summary_fields()}, indent=2))  # fmt: skip
+    r.run_dir.joinpath("summary.json").write_text(
+        json.dumps(
+            {
+                "status": "failed",
+                "error": f"{type(error).__name__}: {error}",
+                "step": r.state.step,
+                "hardware": r.hardware,
+                "nan_skipped": r.state.nan_skipped,
+                "mlflow_run_id": r.state.run_id,
+                "run_dir": str(r.run_dir),
+                "last_checkpoint": checkpoint.latest_tag(r.ckpt_dir),
+                **r.tracker.summary_fields(),
+            },
+            indent=2,
+        )
+    )
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -385,8 +483,12 @@ class _Window:
         self.device = device
 
     def add(self, loss: torch.Tensor, terms: dict, n: int) -> None:
-        rows = torch.stack([torch.stack([loss.detach().float() * n, loss.new_tensor(float(n)).float()]),
-                            *(v.float() for v in terms.values())])  # fmt: skip
+        rows = torch.stack(
+            [
+                torch.stack([loss.detach().float() * n, loss.new_tensor(float(n)).float()]),
+                *(v.float() for v in terms.values()),
+            ]
+        )
         self.names = self.names or ["loss", *terms]
         self.sums = rows if self.sums is None else self.sums + rows
 
@@ -446,8 +548,9 @@ def _evaluate(r: Run) -> dict:
     metrics = r.evaluator(cfg.run.eval_max_batches, histogram=pictures / f"relatedness_{step:08d}.png")
     if r.info.is_main:
         model = r.evaluator.model
-        batch = next(iter(eval_batches(cfg.data.root, cfg.data.eval_split, 16, modalities=model.names, rank=0,
-                                       world_size=1)))  # fmt: skip
+        batch = next(
+            iter(eval_batches(cfg.data.root, cfg.data.eval_split, 16, modalities=model.names, rank=0, world_size=1))
+        )
         grid = picture_grid(model, batch, pictures / f"step_{step:08d}.png", r.info.device, r.evaluator.dtype)
         captions = grid.with_suffix(".txt") if grid is not None else None
         for path in (grid, captions, pictures / f"relatedness_{step:08d}.png"):
@@ -456,8 +559,11 @@ def _evaluate(r: Run) -> dict:
         r.tracker.log_metrics(metrics, step)
         (r.run_dir / "eval_report.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
         shown = ("loss", "coherence", "latent_accuracy", "w2")
-        log.info("eval at step %d: %s", step, " ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items()
-                                                          if any(w in k for w in shown)))  # fmt: skip
+        log.info(
+            "eval at step %d: %s",
+            step,
+            " ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items() if any(w in k for w in shown)),
+        )
     return metrics
 
 
@@ -472,8 +578,10 @@ def _save(r: Run) -> None:
 def _resume_tag(ckpt_dir: Path, resume: str | None, info: DistInfo) -> str | None:
     if resume in (None, "", "none"):
         if checkpoint.complete_tags(ckpt_dir):
-            raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, "
-                                  "or choose another run.dir")  # fmt: skip
+            raise FileExistsError(
+                f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue that run, "
+                "or choose another run.dir"
+            )
         return None
     if resume == "auto":
         return checkpoint.latest_tag(ckpt_dir)

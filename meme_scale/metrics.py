@@ -48,8 +48,9 @@ def _classify(classifier: nn.Module, x: Tensor) -> Tensor:
 
 
 # -- coherence ---------------------------------------------------------------------------------
-def cross_coherence_counts(model: nn.Module, src: str, dst: str, x_src: Tensor, labels: Tensor,
-                           classifier_dst: nn.Module) -> Tensor:  # fmt: skip
+def cross_coherence_counts(
+    model: nn.Module, src: str, dst: str, x_src: Tensor, labels: Tensor, classifier_dst: nn.Module
+) -> Tensor:
     """Cross coherence src -> dst on one batch, as ``[correct, total]`` (float32, on ``labels``' device).
 
     For each sample: ``z ~ q(z | x_src)`` (one reparameterised sample), ``x_dst = d_dst(z)`` (the
@@ -68,8 +69,9 @@ def cross_coherence_counts(model: nn.Module, src: str, dst: str, x_src: Tensor, 
     return torch.stack([correct, keep.sum().float()])
 
 
-def joint_coherence_counts(model: nn.Module, n: int, classifiers: Mapping[str, nn.Module] | Sequence[nn.Module],
-                           batch_size: int = 1024) -> Tensor:  # fmt: skip
+def joint_coherence_counts(
+    model: nn.Module, n: int, classifiers: Mapping[str, nn.Module] | Sequence[nn.Module], batch_size: int = 1024
+) -> Tensor:
     """Joint coherence of ``n`` prior samples, as ``[agreeing, n]`` (float32).
 
     ``z ~ p(z)`` (the model's prior; the pseudo-sample mixture for MEME), decoded into both
@@ -99,8 +101,16 @@ def sample_latents(model: nn.Module, modality: str, x: Tensor) -> Tensor:
         return (mu + sigma * torch.randn_like(sigma)).float()
 
 
-def latent_accuracy(train_z: Tensor, train_y: Tensor, test_z: Tensor, test_y: Tensor, epochs: int = 30,
-                    lr: float = 1e-3, seed: int = 0, batch_size: int = 128) -> float:  # fmt: skip
+def latent_accuracy(
+    train_z: Tensor,
+    train_y: Tensor,
+    test_z: Tensor,
+    test_y: Tensor,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> float:
     """Test accuracy of a linear classifier on latent samples (DESIGN 4, latent accuracy).
 
     A linear map ``L -> C`` (``C = 1 + max label``) trained with Adam(lr) on the cross entropy of
@@ -166,8 +176,9 @@ def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:
     return perm
 
 
-def relatedness(model: nn.Module, x_s: Tensor, x_t: Tensor, generator: torch.Generator | None = None
-                ) -> tuple[Tensor, Tensor]:  # fmt: skip
+def relatedness(
+    model: nn.Module, x_s: Tensor, x_t: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """W2 between the unimodal posteriors of matched and of mismatched pairs: ``(paired [B], mismatched [B])``.
 
     ``paired[i] = W2^2(q(z | s_i), q(z | t_i))`` and ``mismatched[i] = W2^2(q(z | s_i), q(z | t_perm[i]))``

@@ -13,7 +13,7 @@ without a trainer. Conventions:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -99,8 +99,9 @@ def reparameterise(mu: Tensor, sigma: Tensor, n: int | None = None) -> Tensor:
     return mu + sigma * torch.randn(shape, dtype=mu.dtype, device=mu.device)
 
 
-def mutual_supervision_from_parts(log_px: Tensor, log_py_all: Tensor, kl: Tensor, alpha: float = 10.0
-                                  ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+def mutual_supervision_from_parts(
+    log_px: Tensor, log_py_all: Tensor, kl: Tensor, alpha: float = 10.0
+) -> tuple[Tensor, dict[str, Tensor]]:
     """J_x|y of DESIGN 1.1 from its pieces, per sample ``[B]``, and the pieces for logging.
 
     ``log_px`` [B]: log p(x|z_0); ``log_py_all`` [K+1, B]: log p(y|z_k) for the main sample z_0 and

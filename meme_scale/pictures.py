@@ -36,7 +36,7 @@ def _to_cells(images: torch.Tensor) -> list[Image.Image]:
 def _wrap(text: str, width: int) -> list[str]:
     lines = textwrap.wrap(text, width=max(8, (width - 4) // 6), break_long_words=True) or ["<empty>"]
     if len(lines) > MAX_LINES:
-        lines = lines[:MAX_LINES - 1] + [lines[MAX_LINES - 1][:-3] + "..."]
+        lines = lines[: MAX_LINES - 1] + [lines[MAX_LINES - 1][:-3] + "..."]
     return lines
 
 

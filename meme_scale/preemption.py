@@ -59,8 +59,11 @@ def requeue_slurm_job(stop: StopFlag | None = None) -> bool:
     if not job:
         return False
     if stop is not None and not stop.wants_requeue:
-        log.info("stopped by %s: not requeueing Slurm job %s",
-                 signal.Signals(stop.signum).name if stop.signum else "the other ranks' signal", job)  # fmt: skip
+        log.info(
+            "stopped by %s: not requeueing Slurm job %s",
+            signal.Signals(stop.signum).name if stop.signum else "the other ranks' signal",
+            job,
+        )
         return False
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if result.returncode != 0:

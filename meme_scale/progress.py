@@ -28,8 +28,10 @@ class Progress:
         done = step - self.start
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else 0.0
-        text = (f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.2f} "
-                f"{samples_per_s:,.0f} samples/s ETA {_clock(eta)}")  # fmt: skip
+        text = (
+            f"step {step}/{self.total} loss {metrics.get('loss', float('nan')):.2f} "
+            f"{samples_per_s:,.0f} samples/s ETA {_clock(eta)}"
+        )
         if self.mode == "bar":
             filled = int(30 * step / max(self.total, 1))
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {text}  ")

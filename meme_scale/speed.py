@@ -28,4 +28,3 @@ def apply_speed_options(model: nn.Module, train_cfg) -> nn.Module:
 
 def _nhwc_input(_module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
-

@@ -110,15 +110,24 @@ class _Recording(NullTracker):
 class MlflowTracker(_Recording):
     """A local store: each call is done when it returns."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 artifact_root: str | Path | None = None, tags: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str = "",
+        run_id: str | None = None,
+        artifact_root: str | Path | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         super().__init__()
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         from mlflow.tracking import MlflowClient
 
         if run_id and run_id.startswith(QUEUED):
-            raise ValueError(f"the checkpoint's MLflow run ({run_id}) is still queued for a tracking server; "
-                             f"resume with that run.tracking_uri, not {tracking_uri}")  # fmt: skip
+            raise ValueError(
+                f"the checkpoint's MLflow run ({run_id}) is still queued for a tracking server; "
+                f"resume with that run.tracking_uri, not {tracking_uri}"
+            )
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         if run_id:  # resume: continue the run the checkpoint names
@@ -129,7 +138,9 @@ class MlflowTracker(_Recording):
         if found is not None:
             experiment_id = found.experiment_id
         else:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else artifact_location(tracking_uri)
+            location = (
+                Path(artifact_root).resolve().as_uri() if artifact_root is not None else artifact_location(tracking_uri)
+            )
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         run = self.client.create_run(experiment_id, run_name=run_name or None, tags=tags or {})
         self.run_id = run.info.run_id
@@ -139,7 +150,7 @@ class MlflowTracker(_Recording):
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -147,7 +158,7 @@ class MlflowTracker(_Recording):
         now = _now_ms()
         items = [Metric(k, v, now, step) for k, v in self._remember(metrics, step).items()]
         for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -166,8 +177,16 @@ class MlflowTracker(_Recording):
 class QueuedTracker(_Recording):
     """An MLflow server: each call is a record in ``<run.dir>/tracking_queue``; a thread sends them."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_dir: str | Path, run_name: str = "",
-                 run_id: str | None = None, tags: dict[str, str] | None = None, required: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_dir: str | Path,
+        run_name: str = "",
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        required: bool = True,
+    ):
         super().__init__()
         os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
         os.environ.setdefault(_RETRIES, "0")  # the queue retries, with backoff, without holding anyone up
@@ -180,9 +199,14 @@ class QueuedTracker(_Recording):
         if away and required:
             raise _unavailable(tracking_uri, away, self.journal.dir)
         if away:
-            log.warning("MLflow tracking server %s does not answer (%s): training anyway; tracking is queued in %s "
-                        "and sent when the server answers (or by: meme-scale sync %s)", tracking_uri, away,
-                        self.journal.dir, self.run_dir)  # fmt: skip
+            log.warning(
+                "MLflow tracking server %s does not answer (%s): training anyway; tracking is queued in %s "
+                "and sent when the server answers (or by: meme-scale sync %s)",
+                tracking_uri,
+                away,
+                self.journal.dir,
+                self.run_dir,
+            )
         self.journal.open(tracking_uri)
         runs = self.journal.load_state()["targets"].get(tracking_uri.rstrip("/"), {}).get("runs", {})
         self.delivery.runs = dict(runs)  # a resumed queued run may have been created since
@@ -251,14 +275,22 @@ class QueuedTracker(_Recording):
         self.journal.sync_to_disk()
         left = self.journal.pending(self.tracking_uri)
         if left:
-            log.warning("%d tracking record(s) of MLflow run %s not delivered to %s (%s); they are kept in %s: "
-                        "deliver them with: meme-scale sync %s", left, self.run_id or "(not created yet)",
-                        self.tracking_uri, self._sender.last_error or "not sent yet", self.journal.dir,
-                        self.run_dir)  # fmt: skip
+            log.warning(
+                "%d tracking record(s) of MLflow run %s not delivered to %s (%s); they are kept in %s: "
+                "deliver them with: meme-scale sync %s",
+                left,
+                self.run_id or "(not created yet)",
+                self.tracking_uri,
+                self._sender.last_error or "not sent yet",
+                self.journal.dir,
+                self.run_dir,
+            )
 
     def summary_fields(self) -> dict[str, Any]:
-        return {"mlflow_run_id": self.run_id,
-                "tracking_queue": {"dir": str(self.journal.dir), "pending": self.journal.pending(self.tracking_uri)}}
+        return {
+            "mlflow_run_id": self.run_id,
+            "tracking_queue": {"dir": str(self.journal.dir), "pending": self.journal.pending(self.tracking_uri)},
+        }
 
 
 def tracking_problem(tracking_uri: str, required: bool, run_dir: str | Path) -> str | None:
@@ -289,9 +321,11 @@ def _probe(client, run_id: str | None) -> str | None:
 
 
 def _unavailable(tracking_uri: str, why: str, queue_dir: Path) -> TrackingUnavailable:
-    return TrackingUnavailable(f"MLflow tracking server {tracking_uri} does not answer ({why}): start it, correct "
-                               "run.tracking_uri, or set run.tracking_required=false to train anyway and queue the "
-                               f"tracking in {queue_dir}")  # fmt: skip
+    return TrackingUnavailable(
+        f"MLflow tracking server {tracking_uri} does not answer ({why}): start it, correct "
+        "run.tracking_uri, or set run.tracking_required=false to train anyway and queue the "
+        f"tracking in {queue_dir}"
+    )
 
 
 def _fast_http():
@@ -322,8 +356,16 @@ def _metric_key(name: str) -> str:
     return name.replace("|", "_given_")
 
 
-def open_tracker(is_main: bool, tracking_uri: str, run_dir: str | Path, experiment: str, run_name: str = "",
-                 run_id: str | None = None, tags: dict[str, Any] | None = None, required: bool = True) -> NullTracker:  # fmt: skip
+def open_tracker(
+    is_main: bool,
+    tracking_uri: str,
+    run_dir: str | Path,
+    experiment: str,
+    run_name: str = "",
+    run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    required: bool = True,
+) -> NullTracker:
     """The tracker of a run: a no-op off rank 0; queued for a server; direct for a local store.
     ``run_id``: a run to continue (an MLflow id or a checkpoint's ``run_ref``). ``required``: False lets
     a run start while its server is away (run.tracking_required)."""
@@ -348,17 +390,30 @@ def sync_queue(run_dir: str | Path, tracking_uri: str | None = None) -> dict:
         raise ValueError(f"{journal.dir / 'queue.json'} names no tracking URI: pass --tracking-uri")
     delivery = Delivery(journal, uri)
     try:
-        with _http_limits({_RETRIES: os.environ.get(_RETRIES, "0"), _TIMEOUT: os.environ.get(_TIMEOUT, SEND_TIMEOUT_S)}):
+        with _http_limits(
+            {_RETRIES: os.environ.get(_RETRIES, "0"), _TIMEOUT: os.environ.get(_TIMEOUT, SEND_TIMEOUT_S)}
+        ):
             delivery.deliver()
     except TransientError as e:
-        raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({e}): "
-                                  f"{journal.pending(uri)} record(s) still queued in {journal.dir}") from e  # fmt: skip
-    return {"tracking_uri": uri, "delivered": delivery.delivered, "rejected": delivery.rejected,
-            "runs": dict(delivery.runs)}  # fmt: skip
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} does not answer ({e}): "
+            f"{journal.pending(uri)} record(s) still queued in {journal.dir}"
+        ) from e
+    return {
+        "tracking_uri": uri,
+        "delivered": delivery.delivered,
+        "rejected": delivery.rejected,
+        "runs": dict(delivery.runs),
+    }
 
 
-def update_run(tracking_uri: str, run_id: str, tags: dict[str, Any] | None = None, status: str | None = None,
-               text: dict[str, str] | None = None) -> None:  # fmt: skip
+def update_run(
+    tracking_uri: str,
+    run_id: str,
+    tags: dict[str, Any] | None = None,
+    status: str | None = None,
+    text: dict[str, str] | None = None,
+) -> None:
     """Tags, text artifacts ({name: text}) and/or the terminal status of an existing run (sweep summaries)."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     from mlflow.tracking import MlflowClient

@@ -37,7 +37,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 QUEUE_DIR = "tracking_queue"
 RUN_TAG = "meme_scale.queue_run"
-COPY_LIMIT = 8 * 2**20  # artifacts up to this size are copied when logged (pictures, configs); larger ones are read when sent
+COPY_LIMIT = (
+    8 * 2**20
+)  # artifacts up to this size are copied when logged (pictures, configs); larger ones are read when sent
 METRICS_PER_CALL = 1000  # MLflow's log_batch limits
 PARAMS_PER_CALL = 100
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 4.0  # the sender's backoff while the server is away
@@ -199,8 +201,12 @@ class Delivery:
                     self._send_or_reject([record])
                 return
             self.rejected += 1
-            log.warning("tracking record refused by %s, skipped (kept in %s): %s", self.uri,
-                        self.journal.dir / "rejected.jsonl", e)  # fmt: skip
+            log.warning(
+                "tracking record refused by %s, skipped (kept in %s): %s",
+                self.uri,
+                self.journal.dir / "rejected.jsonl",
+                e,
+            )
             with open(self.journal.dir / "rejected.jsonl", "a") as f:
                 f.write(json.dumps({"target": self.uri, "error": str(e)[:2000], "record": group[0]}) + "\n")
 
@@ -227,11 +233,11 @@ class Delivery:
         elif op == "params":
             items = [Param(k, v) for k, v in first["params"].items()]
             for i in range(0, len(items), PARAMS_PER_CALL):
-                self.client.log_batch(run_id, params=items[i:i + PARAMS_PER_CALL], synchronous=True)
+                self.client.log_batch(run_id, params=items[i : i + PARAMS_PER_CALL], synchronous=True)
         elif op == "tags":
             items = [RunTag(k, v) for k, v in first["tags"].items()]
             for i in range(0, len(items), PARAMS_PER_CALL):
-                self.client.log_batch(run_id, tags=items[i:i + PARAMS_PER_CALL], synchronous=True)
+                self.client.log_batch(run_id, tags=items[i : i + PARAMS_PER_CALL], synchronous=True)
         elif op == "artifact":
             if not Path(first["path"]).is_file():
                 raise FileNotFoundError(f"artifact {first['path']} is gone")
@@ -263,8 +269,9 @@ class Delivery:
             origins[_target(record["uri"])] = record["run_id"]
         if origins:  # a copy of a run that lives on another server
             tags["meme_scale.copied_from"] = "; ".join(f"{uri} run {run_id}" for uri, run_id in sorted(origins.items()))
-        run = self.client.create_run(experiment_id, start_time=record["time"], tags=tags,
-                                     run_name=record.get("run_name") or None)  # fmt: skip
+        run = self.client.create_run(
+            experiment_id, start_time=record["time"], tags=tags, run_name=record.get("run_name") or None
+        )
         self.runs[record["run"]] = run.info.run_id
         return run.info.run_id
 
@@ -312,8 +319,11 @@ class Sender:
                 synced = now
             if failed is None:
                 if down_since is not None:
-                    log.warning("MLflow tracking server %s answers again after %.0f s: queued tracking delivered",
-                                self.uri, now - down_since)  # fmt: skip
+                    log.warning(
+                        "MLflow tracking server %s answers again after %.0f s: queued tracking delivered",
+                        self.uri,
+                        now - down_since,
+                    )
                 backoff, down_since, self.last_error = 0.0, None, None
                 if self._stopping_since is not None:
                     return
@@ -321,8 +331,13 @@ class Sender:
                 continue
             if down_since is None:
                 down_since = now
-                log.warning("MLflow tracking server %s does not answer (%s): training goes on; tracking is queued "
-                            "in %s and retried", self.uri, failed, self.journal.dir)  # fmt: skip
+                log.warning(
+                    "MLflow tracking server %s does not answer (%s): training goes on; tracking is queued "
+                    "in %s and retried",
+                    self.uri,
+                    failed,
+                    self.journal.dir,
+                )
             self.last_error = failed
             if self._stopping_since is None:  # new records do not cut the backoff short; stop() does
                 backoff = min(2 * backoff or RETRY_FIRST_S, RETRY_MAX_S)
@@ -339,8 +354,13 @@ def _groups(records: Iterator[tuple[int, dict | None]]) -> Iterator[tuple[int, l
     group, end, count = [], 0, 0
     for offset, record in records:
         mergeable = record is not None and record["op"] == "metrics"
-        if group and not (mergeable and group[0] is not None and group[0]["op"] == "metrics"
-                          and group[0]["run"] == record["run"] and count + len(record["metrics"]) <= METRICS_PER_CALL):  # fmt: skip
+        if group and not (
+            mergeable
+            and group[0] is not None
+            and group[0]["op"] == "metrics"
+            and group[0]["run"] == record["run"]
+            and count + len(record["metrics"]) <= METRICS_PER_CALL
+        ):
             yield end, group
             group, count = [], 0
         group.append(record)
@@ -359,8 +379,13 @@ def short_reason(error: BaseException) -> str:
     import re
 
     text = str(error)
-    for pattern in (r"\[Errno -?\d+\] [^'\"\)]+", r"[Rr]ead timed out[^'\"\)]*", r"timed out", r"\d{3} Server Error[^\n]*",
-                    r"Max retries exceeded[^(]*"):  # fmt: skip
+    for pattern in (
+        r"\[Errno -?\d+\] [^'\"\)]+",
+        r"[Rr]ead timed out[^'\"\)]*",
+        r"timed out",
+        r"\d{3} Server Error[^\n]*",
+        r"Max retries exceeded[^(]*",
+    ):
         match = re.search(pattern, text)
         if match:
             return match.group(0).strip().rstrip(".")

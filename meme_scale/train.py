@@ -16,13 +16,17 @@ from meme_scale.config import ConfigError, keys_help, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=keys_help())
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=keys_help()
+    )
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint tag/path")
-    parser.add_argument("--mlflow-run-id", default=None,
-                        help="log into this existing MLflow run (a child run made by tools/compare.py) unless the "
-                             "checkpoint resumed from names one")  # fmt: skip
+    parser.add_argument(
+        "--mlflow-run-id",
+        default=None,
+        help="log into this existing MLflow run (a child run made by tools/compare.py) unless the "
+        "checkpoint resumed from names one",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=50")
     return parser.parse_args(argv)

@@ -20,13 +20,18 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="session")
 def quickstart_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "quickstart"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_shards.py"), "quickstart", "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "quickstart", "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     return out
 
 
-def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None,
-           check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+def launch(
+    launcher: str, args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Runs meme_scale/train.py under a real launcher; ``args`` are train.py's own arguments."""
     script = str(ROOT / "meme_scale" / "train.py")
     port = str(free_port())
@@ -35,27 +40,50 @@ def launch(launcher: str, args: list[str], nproc: int = 2, timeout: int = 300, e
     elif launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, script]
     elif launcher == "accelerate":
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, script]  # fmt: skip
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+            script,
+        ]
     elif launcher == "python":
         cmd = [sys.executable, script]
     else:
         raise ValueError(launcher)
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1",
-                "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}  # fmt: skip
+    full_env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        **(env or {}),
+    }
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(var, None)
     proc = run_group(cmd + args, timeout, cwd=ROOT, env=full_env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{launcher} run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def run_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run`` that kills the whole process group on timeout: a launcher's ranks are its
     grandchildren, and left running they would eat the CPUs of every later test."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          **kwargs) as proc:  # fmt: skip
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -77,9 +105,19 @@ def summary(run_dir: Path) -> dict:
 def train_args(data: Path, run_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml") -> list[str]:
     """train.py arguments for a short quickstart run (small batches so CPU tests stay quick). fp32 unless a test
     says otherwise: `auto` would pick by the CPU the tests run on (tests/test_hardware.py covers it)."""
-    return ["--config", config, f"data.root={data}", f"run.dir={run_dir}", "train.micro_batch_size=32",
-            "train.precision=fp32",
-            "run.log_every=2", "run.eval_every=1000", "run.eval_max_batches=2", "run.progress=lines", *overrides]  # fmt: skip
+    return [
+        "--config",
+        config,
+        f"data.root={data}",
+        f"run.dir={run_dir}",
+        "train.micro_batch_size=32",
+        "train.precision=fp32",
+        "run.log_every=2",
+        "run.eval_every=1000",
+        "run.eval_max_batches=2",
+        "run.progress=lines",
+        *overrides,
+    ]
 
 
 def start_ranks(args: list[str], nproc: int = 2, log_dir: Path | None = None) -> list[subprocess.Popen]:
@@ -87,12 +125,29 @@ def start_ranks(args: list[str], nproc: int = 2, log_dir: Path | None = None) ->
     port = str(free_port())
     procs = []
     for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "meme_scale" / "train.py"), *args], cwd=ROOT,
-                                      env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "meme_scale" / "train.py"), *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     _STARTED.extend(procs)
     return procs
 

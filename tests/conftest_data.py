@@ -3,6 +3,7 @@
 Every sample's pixels are a known function of its index, so a test can check any decoded batch
 against what was written without keeping a copy. Imported by tests as ``conftest_data``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,16 @@ def label(i: int) -> int:
     return i % N_CLASSES
 
 
-def make_dataset(root: str, *, n_train: int = 250, n_test: int = 61, per_shard: int = 40,
-                 t_kind: str = "image", labels: bool = True, name: str = "toy") -> str:
+def make_dataset(
+    root: str,
+    *,
+    n_train: int = 250,
+    n_test: int = 61,
+    per_shard: int = 40,
+    t_kind: str = "image",
+    labels: bool = True,
+    name: str = "toy",
+) -> str:
     """Write a toy dataset with modalities 'a' (image 1x4x4) and 'b' (image 1x2x2 or vector [3])."""
     t_spec = {"kind": "image", "shape": list(T_SHAPE)} if t_kind == "image" else {"kind": "vector", "shape": [VEC_DIM]}
     modalities = {"a": {"kind": "image", "shape": list(S_SHAPE)}, "b": t_spec}

@@ -4,6 +4,7 @@
   and restarted on the same port.
 - ``S3Server``: moto's standalone S3-API server (``moto_server``, from ``moto[server]``), one bucket.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,11 @@ class HttpShards:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(SERVE), self.root, str(self.port),
-                                      *self.flags], stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVE), self.root, str(self.port), *self.flags],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_listening(self.port, self.proc)
 
     def kill(self) -> None:
@@ -53,7 +57,7 @@ class HttpShards:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def __enter__(self) -> "HttpShards":
+    def __enter__(self) -> HttpShards:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -65,15 +69,28 @@ class S3Server:
 
     def __init__(self, bucket: str = "shards"):
         self.port, self.bucket = free_port(), bucket
-        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_listening(self.port, self.proc)
-        self.env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                    "AWS_ENDPOINT_URL_S3": self.endpoint}  # fmt: skip
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+        }
         import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        ).create_bucket(Bucket=bucket)
 
     @property
     def endpoint(self) -> str:
@@ -102,7 +119,7 @@ class S3Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
 """Helpers for the converter tests: run ``tools/make_shards.py`` in-process (fast) or as a real CLI."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,8 +31,9 @@ def cli(capsys, *args: str) -> Result:
 
 def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
     """The real command line, once per converter: ``python tools/make_shards.py ARGS``."""
-    return subprocess.run([sys.executable, "tools/make_shards.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "tools/make_shards.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_nothing_left(parent, name: str = "out") -> None:

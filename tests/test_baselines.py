@@ -14,8 +14,10 @@ from meme_scale.models import MMVAE, MODELS, MVAE, ModalitySpec, MoPoE, build_mo
 from meme_scale.models.baselines import available_subsets, nonempty_subsets
 from meme_scale.models.recipes import Recipe, kl_schedule, paper_recipe, resolve_recipe
 
-QUICKSTART = [ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"),
-              ModalitySpec("digits", "image", (1, 8, 8), "small_mlp")]
+QUICKSTART = [
+    ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"),
+    ModalitySpec("digits", "image", (1, 8, 8), "small_mlp"),
+]
 B, L, DA, DB = 6, 3, 5, 4
 PATTERNS = {"paired": (True, True), "s_only": (True, False), "t_only": (False, True)}
 
@@ -85,8 +87,10 @@ def _linear_model(cls, sigma_scale=1.0, **kw):
 
 def _linear_batch(observed):
     g = torch.Generator().manual_seed(3)
-    batch = {"a": torch.rand(len(observed), DA, generator=g, dtype=torch.float64),
-             "b": torch.rand(len(observed), DB, generator=g, dtype=torch.float64)}  # fmt: skip
+    batch = {
+        "a": torch.rand(len(observed), DA, generator=g, dtype=torch.float64),
+        "b": torch.rand(len(observed), DB, generator=g, dtype=torch.float64),
+    }
     batch["a"][~observed[:, 0]] = float("nan")
     batch["b"][~observed[:, 1]] = float("nan")
     return {**batch, "observed": observed}
@@ -156,8 +160,9 @@ def _reference_subset_loss(model, batch, prior, explain_all, average, weights=No
             q = D.Normal(mu, precision.rsqrt())
             z = mu + precision.rsqrt() * eps[S][j]
             targets = [m for m in "ab" if observed[r, "ab".index(m)]] if explain_all else S
-            log_px = sum(weights[m] * D.Laplace(model.decoders[m](z), 1.0).log_prob(batch[m][r : r + 1]).sum()
-                         for m in targets)  # fmt: skip
+            log_px = sum(
+                weights[m] * D.Laplace(model.decoders[m](z), 1.0).log_prob(batch[m][r : r + 1]).sum() for m in targets
+            )
             elbos[r].append(log_px - beta * D.kl_divergence(q, D.Normal(0.0, 1.0)).sum())
     per_row = [sum(e) / len(e) if average else sum(e) for e in elbos.values()]
     return -sum(per_row) / len(observed)
@@ -192,8 +197,9 @@ def _reference_mmvae_log_w(model, batch, k, detach_q=False, weights=(1.0, 1.0)):
     eps = torch.randn(k, 2, B, L, dtype=torch.float64)
     enc = [model.encoders[m](batch[m]) for m in "ab"]
     q_mu, q_sigma = (torch.stack([e[i].detach() if detach_q else e[i] for e in enc], 1) for i in (0, 1))
-    q_moe = D.MixtureSameFamily(D.Categorical(torch.ones(B, 2, dtype=torch.float64)),
-                                D.Independent(D.Normal(q_mu, q_sigma), 1))  # fmt: skip
+    q_moe = D.MixtureSameFamily(
+        D.Categorical(torch.ones(B, 2, dtype=torch.float64)), D.Independent(D.Normal(q_mu, q_sigma), 1)
+    )
     log_ws = []
     for i, (mu, sigma) in enumerate(enc):
         z = mu + sigma * eps[:, i]
@@ -257,8 +263,14 @@ def test_mmvae_ignores_unpaired_samples_and_says_so(caplog):
 
 
 # -- training recipes (models/recipes.py) -------------------------------------------------------
-MNIST_SVHN = [ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"), ModalitySpec("svhn", "image", (3, 32, 32), "svhn_conv")]
-CUB_RAW = [ModalitySpec("image", "image", (3, 64, 64), "svhn_conv"), ModalitySpec("caption", "caption", (32,), "caption_cnn")]
+MNIST_SVHN = [
+    ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"),
+    ModalitySpec("svhn", "image", (3, 32, 32), "svhn_conv"),
+]
+CUB_RAW = [
+    ModalitySpec("image", "image", (3, 64, 64), "svhn_conv"),
+    ModalitySpec("caption", "caption", (32,), "caption_cnn"),
+]
 
 
 def test_paper_recipes_follow_the_reference_code():
@@ -293,16 +305,19 @@ def _model_cfg(*overrides):
 def test_recipe_resolution_from_config_and_its_errors():
     assert resolve_recipe(_model_cfg("model.name=mvae"), QUICKSTART) == paper_recipe("mvae", QUICKSTART)
     assert resolve_recipe(_model_cfg("model.name=mopoe", "model.recipe=plain"), QUICKSTART) == Recipe()
-    knobs = resolve_recipe(_model_cfg("model.name=mvae", "model.kl_warmup=0.1", "model.likelihood_weights=[2, 3]"),
-                           QUICKSTART)  # fmt: skip
+    knobs = resolve_recipe(
+        _model_cfg("model.name=mvae", "model.kl_warmup=0.1", "model.likelihood_weights=[2, 3]"), QUICKSTART
+    )
     assert (knobs.kl_warmup, knobs.kl_weight, knobs.likelihood_weights) == (0.1, 1.0, (2.0, 3.0))
     assert resolve_recipe(_model_cfg("model.name=mopoe", "model.kl_weight=1"), QUICKSTART).kl_weight == 1.0
-    bad = {("model.name=mmvae", "model.kl_warmup=0.2"): "model.kl_warmup does not apply to model 'mmvae'",
-           ("model.name=meme", "model.likelihood_weights=[1, 1]"): "model.likelihood_weights does not apply",
-           ("model.name=mvae", "model.likelihood_weights=[1]"): "one positive weight per modality",
-           ("model.name=mvae", "model.likelihood_weights=[1, 0]"): "one positive weight per modality",
-           ("model.name=mvae", "model.kl_warmup=1.5"): "model.kl_warmup must be a fraction",
-           ("model.name=mopoe", "model.kl_weight=-2"): "model.kl_weight must be >= 0"}  # fmt: skip
+    bad = {
+        ("model.name=mmvae", "model.kl_warmup=0.2"): "model.kl_warmup does not apply to model 'mmvae'",
+        ("model.name=meme", "model.likelihood_weights=[1, 1]"): "model.likelihood_weights does not apply",
+        ("model.name=mvae", "model.likelihood_weights=[1]"): "one positive weight per modality",
+        ("model.name=mvae", "model.likelihood_weights=[1, 0]"): "one positive weight per modality",
+        ("model.name=mvae", "model.kl_warmup=1.5"): "model.kl_warmup must be a fraction",
+        ("model.name=mopoe", "model.kl_weight=-2"): "model.kl_weight must be >= 0",
+    }
     for overrides, message in bad.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             build_model(_model_cfg(*overrides), QUICKSTART)
@@ -311,7 +326,9 @@ def test_recipe_resolution_from_config_and_its_errors():
 
 
 @pytest.mark.parametrize("cls, prior, explain_all, average", [(MVAE, True, False, False), (MoPoE, "full", True, True)])
-def test_recipe_weighs_likelihoods_and_kl_in_training_and_evaluation_reports_the_bound(cls, prior, explain_all, average):
+def test_recipe_weighs_likelihoods_and_kl_in_training_and_evaluation_reports_the_bound(
+    cls, prior, explain_all, average
+):
     recipe = Recipe((2.0, 0.5), kl_weight=3.0, kl_warmup=0.5, full_set_prior_expert=cls is MoPoE)
     model = _linear_model(cls, recipe=recipe)
     batch = _linear_batch(_mixed_observed(B))
@@ -351,8 +368,9 @@ def test_mmvae_likelihood_scaling_weighs_log_w_and_logs_the_unscaled_bound():
     torch.testing.assert_close(loss, -(torch.logsumexp(log_w, 0) - math.log(4)).mean(0).mean())
     torch.manual_seed(4)
     plain = _reference_mmvae_log_w(model, batch, 4)
-    torch.testing.assert_close(terms["bound"][0].double(), (torch.logsumexp(plain, 0) - math.log(4)).mean(0).sum(),
-                               rtol=1e-6, atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        terms["bound"][0].double(), (torch.logsumexp(plain, 0) - math.log(4)).mean(0).sum(), rtol=1e-6, atol=1e-4
+    )
     with pytest.raises(ValueError, match="no KL term"):
         MMVAE(QUICKSTART, latent_dim=4, recipe=Recipe(kl_warmup=0.4))
 
@@ -411,8 +429,12 @@ def test_sampling_api_shapes(name):
 @pytest.mark.parametrize("name, cls", [("mvae", MVAE), ("mmvae", MMVAE), ("mopoe", MoPoE)])
 def test_build_model_from_config(name, cls):
     cfg = load_config(None, [f"model.name={name}", "model.latent_dim=8", "model.mmvae_k=3", "model.estimator=iwae"])
-    meta = {"modalities": {"mnist": {"kind": "image", "shape": [1, 28, 28]},
-                           "digits": {"kind": "image", "shape": [1, 8, 8]}}}
+    meta = {
+        "modalities": {
+            "mnist": {"kind": "image", "shape": [1, 28, 28]},
+            "digits": {"kind": "image", "shape": [1, 8, 8]},
+        }
+    }
     model = build_model(cfg.model, modality_specs(cfg.model, meta))
     assert type(model) is cls and model.latent_dim == 8 and model.names == ["mnist", "digits"]
     if name == "mmvae":

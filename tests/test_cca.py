@@ -11,10 +11,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import BIN, ROOT, free_port, launch
-from meme_scale.cca_features import (CCAScorer, SentenceEmbedder, WordVectors, image_features, load_word_vectors,
-                                     save_word_vectors, train_word_vectors, word_counts)  # fmt: skip
+
+from meme_scale.cca_features import (
+    CCAScorer,
+    SentenceEmbedder,
+    WordVectors,
+    image_features,
+    load_word_vectors,
+    save_word_vectors,
+    train_word_vectors,
+    word_counts,
+)
 from meme_scale.data.sources import fakeraw
 
 
@@ -27,8 +35,12 @@ def test_word_vector_file_round_trip_and_errors(tmp_path):
     again = load_word_vectors(save_word_vectors(vectors, tmp_path / "w.txt"))
     assert again.index == vectors.index and np.array_equal(again.vectors, vectors.vectors)
 
-    for text, why in (("bird 1 0\nred 1\n", "line 2: 1 values"), ("bird 1 x\n", "line 1: expected"),
-                      ("", "no vectors"), ("bird nan 1\n", "line 1: needs finite")):  # fmt: skip
+    for text, why in (
+        ("bird 1 0\nred 1\n", "line 2: 1 values"),
+        ("bird 1 x\n", "line 1: expected"),
+        ("", "no vectors"),
+        ("bird nan 1\n", "line 1: needs finite"),
+    ):
         bad = tmp_path / "bad.txt"
         bad.write_text(text)
         with pytest.raises(ValueError, match=f"{bad}.*{why}"):
@@ -118,28 +130,80 @@ def cub_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cub_cca")
     fakeraw.cub_tree(str(root / "raw"), n_train_classes=4, n_test_classes=2, images_per_class=4)
     data = root / "shards"
-    subprocess.run([sys.executable, "tools/make_shards.py", "cub", "--root", str(root / "raw"), "--out", str(data),
-                    "--image-size", "32"], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-    made = subprocess.run([sys.executable, "tools/word_vectors.py", "--shards", str(data), "--dim", "16"], cwd=ROOT,
-                          check=True, capture_output=True, text=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/make_shards.py",
+            "cub",
+            "--root",
+            str(root / "raw"),
+            "--out",
+            str(data),
+            "--image-size",
+            "32",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    made = subprocess.run(
+        [sys.executable, "tools/word_vectors.py", "--shards", str(data), "--dim", "16"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert json.loads(made.stdout)["file"] == str(data / "word_vectors.txt")
     run_dir = root / "run"
-    launch("python", ["--config", "configs/cub.yaml", *_small(data), f"run.dir={run_dir}", "train.max_steps=4",
-                      "run.eval_every=4", "run.progress=none"], nproc=1)  # fmt: skip
+    launch(
+        "python",
+        [
+            "--config",
+            "configs/cub.yaml",
+            *_small(data),
+            f"run.dir={run_dir}",
+            "train.max_steps=4",
+            "run.eval_every=4",
+            "run.progress=none",
+        ],
+        nproc=1,
+    )
     return data, run_dir
 
 
 def _small(data) -> list[str]:
-    return [f"data.root={data}", "data.num_workers=0", "train.micro_batch_size=16", "train.precision=fp32",
-            "train.zero_stage=0", "model.latent_dim=8", "model.k=2", "model.pseudo_samples=8", "eval.joint_samples=40",
-            "eval.cca_components=8", "data.eval_split=train"]  # fmt: skip
+    return [
+        f"data.root={data}",
+        "data.num_workers=0",
+        "train.micro_batch_size=16",
+        "train.precision=fp32",
+        "train.zero_stage=0",
+        "model.latent_dim=8",
+        "model.k=2",
+        "model.pseudo_samples=8",
+        "eval.joint_samples=40",
+        "eval.cca_components=8",
+        "data.eval_split=train",
+    ]
 
 
 def _eval(launcher: list[str], data, checkpoint, out) -> dict:
-    cmd = [*launcher, "-m", "meme_scale.cli", "eval", "--checkpoint", str(checkpoint), "--config", "configs/cub.yaml",
-           "--out", str(out), *_small(data)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
-                          timeout=300)  # fmt: skip
+    cmd = [
+        *launcher,
+        "-m",
+        "meme_scale.cli",
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        "configs/cub.yaml",
+        "--out",
+        str(out),
+        *_small(data),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -157,8 +221,12 @@ def test_cub_evaluation_reports_cca_coherence_on_any_world_size(cub_run, tmp_pat
     report = json.loads((run_dir / "eval_report.json").read_text())
     assert set(report) == reported_metrics(load_config(ROOT / "configs" / "cub.yaml", _small(data)))
     one = _eval([sys.executable], data, run_dir / "final" / "model.pt", tmp_path / "one.json")
-    two = _eval([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], data,
-                run_dir / "checkpoints", tmp_path / "two.json")  # fmt: skip
+    two = _eval(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
+        data,
+        run_dir / "checkpoints",
+        tmp_path / "two.json",
+    )
     for key in keys:
         assert -1.0 <= one[key] <= 1.0
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
@@ -172,10 +240,23 @@ def test_cub_evaluation_reports_cca_coherence_on_any_world_size(cub_run, tmp_pat
 
     (data / "word_vectors.txt").rename(data / "elsewhere.txt")
     try:  # without vectors the metric is skipped, and a named file that is missing is an error
-        assert not {k for k in _eval([sys.executable], data, run_dir / "final" / "model.pt", tmp_path / "x.json")
-                    if k.startswith("eval/cca")}  # fmt: skip
-        cmd = [sys.executable, "-m", "meme_scale.cli", "eval", "--checkpoint", str(run_dir / "final" / "model.pt"),
-               "--config", "configs/cub.yaml", *_small(data), f"eval.cca_word_vectors={data / 'nope.txt'}"]  # fmt: skip
+        assert not {
+            k
+            for k in _eval([sys.executable], data, run_dir / "final" / "model.pt", tmp_path / "x.json")
+            if k.startswith("eval/cca")
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "meme_scale.cli",
+            "eval",
+            "--checkpoint",
+            str(run_dir / "final" / "model.pt"),
+            "--config",
+            "configs/cub.yaml",
+            *_small(data),
+            f"eval.cca_word_vectors={data / 'nope.txt'}",
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "nope.txt" in proc.stderr
     finally:

@@ -128,8 +128,10 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
 
 def test_load_refuses_pickled_code_and_foreign_files(tmp_path):
     evil = tmp_path / "evil.pt"
-    torch.save({"state_dict": {}, "shape": [1, 8, 8], "num_classes": 10,
-                "test_accuracy": collections.OrderedDict(x=object())}, evil)  # fmt: skip
+    torch.save(
+        {"state_dict": {}, "shape": [1, 8, 8], "num_classes": 10, "test_accuracy": collections.OrderedDict(x=object())},
+        evil,
+    )
     with pytest.raises(pickle.UnpicklingError):
         load_classifier(evil)
     other = tmp_path / "other.pt"

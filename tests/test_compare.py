@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT
 from meme_scale import comparison
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -25,12 +25,42 @@ CELLS = [f"{m}_f{f}_s{s}" for m in MODELS for f in FRACTIONS for s in SEEDS]
 
 
 def _compare(out, data, classifiers) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "tools/compare.py", "--config", "configs/quickstart.yaml", "--out", str(out),
-           "--models", *MODELS, "--fractions", *FRACTIONS, "--seeds", *SEEDS, "--steps", "3", "--batch", "16", "--",
-           f"data.root={data}", f"eval.classifiers={classifiers}", "data.num_workers=0", "model.pseudo_samples=8",
-           "run.eval_max_batches=2", "eval.joint_samples=32", "eval.latent_train_samples=64", "eval.latent_epochs=2"]  # fmt: skip
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "tools/compare.py",
+        "--config",
+        "configs/quickstart.yaml",
+        "--out",
+        str(out),
+        "--models",
+        *MODELS,
+        "--fractions",
+        *FRACTIONS,
+        "--seeds",
+        *SEEDS,
+        "--steps",
+        "3",
+        "--batch",
+        "16",
+        "--",
+        f"data.root={data}",
+        f"eval.classifiers={classifiers}",
+        "data.num_workers=0",
+        "model.pseudo_samples=8",
+        "run.eval_max_batches=2",
+        "eval.joint_samples=32",
+        "eval.latent_train_samples=64",
+        "eval.latent_epochs=2",
+    ]
+    proc = subprocess.run(
+        cmd,
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -42,8 +72,21 @@ def _children(client: MlflowClient, parent) -> dict:
 
 def test_tiny_grid_writes_table_figure_and_runs_then_reruns_only_a_deleted_cell(quickstart_shards, tmp_path):
     classifiers = tmp_path / "classifiers"
-    subprocess.run([sys.executable, "tools/train_classifiers.py", "--shards", str(quickstart_shards), "--epochs", "1",
-                    "--out", str(classifiers)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/train_classifiers.py",
+            "--shards",
+            str(quickstart_shards),
+            "--epochs",
+            "1",
+            "--out",
+            str(classifiers),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     out = tmp_path / "grid"
     first = _compare(out, quickstart_shards, classifiers)
     assert sorted(re.findall(r"^(\S+): \d+ s$", first.stderr, re.MULTILINE)) == sorted(CELLS)  # every cell trained once
@@ -68,7 +111,8 @@ def test_tiny_grid_writes_table_figure_and_runs_then_reruns_only_a_deleted_cell(
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"results.md", "coherence_vs_f.png"}
     assert parent.data.metrics["meme/f1.0/cross_coherence"] == pytest.approx(
-        results["summary"]["meme"]["1.0"]["eval/cross_coherence"]["mean"])
+        results["summary"]["meme"]["1.0"]["eval/cross_coherence"]["mean"]
+    )
     children = _children(client, parent)
     assert sorted(children) == sorted(CELLS)
     for name, child in children.items():
@@ -110,4 +154,10 @@ def test_table_marks_meme_joint_at_full_observation_and_shows_spread():
     assert comparison.JOINT_NOTE in table
     assert comparison.JOINT_NOTE not in comparison.markdown({"mvae": results["meme"]}, ["mvae"], [1.0], names, "", {})
     summary = comparison.summary(results, names)["meme"]["1.0"]["eval/cross_coherence"]
-    assert summary == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414, abs=1e-4), "min": 0.5, "max": 0.7, "n": 2}
+    assert summary == {
+        "mean": pytest.approx(0.6),
+        "std": pytest.approx(0.1414, abs=1e-4),
+        "min": 0.5,
+        "max": 0.7,
+        "n": 2,
+    }

@@ -31,8 +31,16 @@ def test_shipped_configs_exist():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(TRAINING_CONFIGS[0], ["train.max_steps=7", "train.seed=3", "run.dir=/tmp/x",
-                                            "data.observed_fraction=0.25", "optim.betas=[0.5, 0.9]"])  # fmt: skip
+    cfg = load_config(
+        TRAINING_CONFIGS[0],
+        [
+            "train.max_steps=7",
+            "train.seed=3",
+            "run.dir=/tmp/x",
+            "data.observed_fraction=0.25",
+            "optim.betas=[0.5, 0.9]",
+        ],
+    )
     assert (cfg.train.max_steps, cfg.train.seed, cfg.run.dir) == (7, 3, "/tmp/x")
     assert cfg.data.observed_fraction == 0.25 and cfg.optim.betas == [0.5, 0.9]
 
@@ -70,8 +78,16 @@ def test_missing_file_is_named():
 
 
 def test_deepspeed_json_follows_config():
-    cfg = load_config(None, ["train.precision=bf16", "train.zero_stage=2", "optim.grad_clip=1.0",
-                             "train.grad_accum=4", "train.micro_batch_size=16"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "train.precision=bf16",
+            "train.zero_stage=2",
+            "optim.grad_clip=1.0",
+            "train.grad_accum=4",
+            "train.micro_batch_size=16",
+        ],
+    )
     ds = deepspeed_config(cfg, world_size=3)
     assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 2
     assert ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 16 * 4 * 3
@@ -98,8 +114,9 @@ def test_flatten_names_every_leaf():
 
 @pytest.mark.parametrize("command", [["meme_scale/train.py"], ["-m", "meme_scale.cli", "train"]])
 def test_help_lists_every_key_with_its_doc_and_default(command):
-    out = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, *command, "--help"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
     keys = describe_keys()
     assert {key for key, *_ in keys} >= set(flatten(load_config(None)))  # every key of the schema
     for key, kind, default, doc in keys:

@@ -5,6 +5,7 @@
 Fixtures are tiny (40 MNIST-SVHN pairs, 18 CUB images x 10 captions), written in the original raw
 formats and converted by the real converters into >= 2 train shards per rank.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,21 @@ from meme_scale.evaluate import picture_grid
 from meme_scale.models import build_model, modality_specs
 from meme_scale.pictures import caption_texts
 
-SMALL_CUB = ["model.modalities.0.hidden=[8,16,32,32,64]", "model.modalities.1.hidden=[8,16,32,64]",
-             "model.modalities.1.embedding_dim=32", "model.latent_dim=16"]
+SMALL_CUB = [
+    "model.modalities.0.hidden=[8,16,32,32,64]",
+    "model.modalities.1.hidden=[8,16,32,64]",
+    "model.modalities.1.embedding_dim=32",
+    "model.latent_dim=16",
+]
 # fp32: the configs' auto would pick bf16 or fp32 by the CPU the tests run on (tests/test_hardware.py covers that)
-COMMON = ["train.micro_batch_size=8", "train.max_steps=4", "train.precision=fp32", "model.pseudo_samples=8",
-          "model.k=3", "data.num_workers=0"]
+COMMON = [
+    "train.micro_batch_size=8",
+    "train.max_steps=4",
+    "train.precision=fp32",
+    "model.pseudo_samples=8",
+    "model.k=3",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +76,14 @@ def _check_run(run_dir, fraction: float, names: tuple[str, str], world_size: int
 @pytest.mark.parametrize("dataset, extra", [("mnist_svhn", []), ("cub", SMALL_CUB)])
 def test_meme_trains_on_converted_shards(shards, tmp_path, dataset: str, extra: list[str], fraction: float) -> None:
     run_dir = tmp_path / "run"
-    args = train_args(shards[dataset], run_dir, *COMMON, *extra, f"data.observed_fraction={fraction}",
-                      config=f"configs/{dataset}.yaml")
+    args = train_args(
+        shards[dataset],
+        run_dir,
+        *COMMON,
+        *extra,
+        f"data.observed_fraction={fraction}",
+        config=f"configs/{dataset}.yaml",
+    )
     launch("deepspeed", args)
     names = ("mnist", "svhn") if dataset == "mnist_svhn" else ("image", "caption")
     _check_run(run_dir, fraction, names)
@@ -77,9 +94,18 @@ def test_custom_config_needs_only_data_root(shards, tmp_path) -> None:
     """configs/custom.yaml with data.root (plus run length): networks from meta.json (MLP + caption CNN).
     One plain process: what this checks is the config, the launchers are covered above."""
     run_dir = tmp_path / "run"
-    args = ["--config", "configs/custom.yaml", f"data.root={shards['custom']}", f"run.dir={run_dir}",
-            "train.max_steps=4", "train.micro_batch_size=8", "run.progress=lines", "data.observed_fraction=0.25",
-            "model.k=2", "model.pseudo_samples=8"]  # speed only: the default caption CNN costs ~1 s/step on CPU
+    args = [
+        "--config",
+        "configs/custom.yaml",
+        f"data.root={shards['custom']}",
+        f"run.dir={run_dir}",
+        "train.max_steps=4",
+        "train.micro_batch_size=8",
+        "run.progress=lines",
+        "data.observed_fraction=0.25",
+        "model.k=2",
+        "model.pseudo_samples=8",
+    ]  # speed only: the default caption CNN costs ~1 s/step on CPU
     launch("python", args, nproc=1)
     _check_run(run_dir, 0.25, ("pic", "text"), world_size=1)
 
@@ -92,8 +118,9 @@ def test_picture_grid_shows_caption_rows_as_text(shards, tmp_path) -> None:
     texts = caption_texts(batch["tokenizers"])
     assert texts["caption"](batch["caption"])[0].startswith("this bird has a")
     with_text = picture_grid(model, batch, tmp_path / "with_text.png", torch.device("cpu"), n=6)
-    without = picture_grid(model, {k: v for k, v in batch.items() if k != "tokenizers"}, tmp_path / "plain.png",
-                           torch.device("cpu"), n=6)
+    without = picture_grid(
+        model, {k: v for k, v in batch.items() if k != "tokenizers"}, tmp_path / "plain.png", torch.device("cpu"), n=6
+    )
     w_text, h_text = Image.open(with_text).size
     w_plain, h_plain = Image.open(without).size
     assert h_text > h_plain and w_text > w_plain, "caption rows (data, recon, image->caption, prior) were added"

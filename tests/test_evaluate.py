@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import BIN, ROOT, free_port, launch, summary, train_args
 
 pytestmark = pytest.mark.slow
@@ -25,18 +24,53 @@ def trained(quickstart_shards, tmp_path_factory):
     """Classifiers (a short schedule) and a briefly trained MEME with evaluation at its last step."""
     work = tmp_path_factory.mktemp("eval")
     classifiers = work / "classifiers"  # not beside the shared shards: other tests expect none there
-    subprocess.run([sys.executable, str(ROOT / "tools" / "train_classifiers.py"), "--shards", str(quickstart_shards),
-                    "--epochs", "2", "--out", str(classifiers)], check=True, capture_output=True, cwd=ROOT)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "train_classifiers.py"),
+            "--shards",
+            str(quickstart_shards),
+            "--epochs",
+            "2",
+            "--out",
+            str(classifiers),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     run_dir = work / "run"
-    launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=30", "run.eval_max_batches=0", *EVAL_ARGS,
-                                f"eval.classifiers={classifiers}"), nproc=1)  # fmt: skip
+    launch(
+        "python",
+        train_args(
+            quickstart_shards,
+            run_dir,
+            "train.max_steps=30",
+            "run.eval_max_batches=0",
+            *EVAL_ARGS,
+            f"eval.classifiers={classifiers}",
+        ),
+        nproc=1,
+    )
     return quickstart_shards, run_dir, classifiers
 
 
 def _eval(launcher: list[str], data, classifiers, checkpoint, out) -> dict:
-    cmd = [*launcher, "-m", "meme_scale.cli", "eval", "--checkpoint", str(checkpoint), "--config",
-           "configs/quickstart.yaml", "--out", str(out), f"data.root={data}", *EVAL_ARGS,
-           f"eval.classifiers={classifiers}"]  # fmt: skip
+    cmd = [
+        *launcher,
+        "-m",
+        "meme_scale.cli",
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        "configs/quickstart.yaml",
+        "--out",
+        str(out),
+        f"data.root={data}",
+        *EVAL_ARGS,
+        f"eval.classifiers={classifiers}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -54,11 +88,20 @@ def test_two_ranks_equal_one_rank_and_export_equals_checkpoint(trained, tmp_path
     """Splits whose sizes are not multiples of the chunk (EVAL_ARGS): every number equal on 1 and 2 ranks."""
     data, run_dir, classifiers = trained
     exported = tmp_path / "exported.pt"  # the user's command: tools/export.py CHECKPOINT OUT.pt
-    subprocess.run([sys.executable, "tools/export.py", str(run_dir / "checkpoints"), str(exported)], cwd=ROOT,
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "tools/export.py", str(run_dir / "checkpoints"), str(exported)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     one = _eval([sys.executable], data, classifiers, exported, tmp_path / "one.json")
-    two = _eval([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], data, classifiers,
-                run_dir / "checkpoints", tmp_path / "two.json")  # fmt: skip
+    two = _eval(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
+        data,
+        classifiers,
+        run_dir / "checkpoints",
+        tmp_path / "two.json",
+    )
     assert (one["world_size"], two["world_size"]) == (1, 2)
     keys = [k for k in one if k.startswith("eval/")]
     assert {"eval/cross_coherence", "eval/coherence_joint", "eval/latent_accuracy_mnist", "eval/w2_paired"} <= set(keys)

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import launch, start_ranks, summary, train_args
+
 from meme_scale import checkpoint, preemption
 from meme_scale.checkpoint import MARKER, complete_tags, latest_tag, remove_tag_dir
 
@@ -56,7 +56,8 @@ def _mid_write(ckpt_dir):
     """A checkpoint is being written right now: a step directory newer than the newest complete one."""
     newest = latest_tag(ckpt_dir) or ""
     return ckpt_dir.is_dir() and any(
-        p.name.startswith("step_") and p.name > newest and not (p / MARKER).exists() for p in ckpt_dir.iterdir())
+        p.name.startswith("step_") and p.name > newest and not (p / MARKER).exists() for p in ckpt_dir.iterdir()
+    )
 
 
 def _mid_prune(ckpt_dir, keep):
@@ -64,8 +65,9 @@ def _mid_prune(ckpt_dir, keep):
     tags = complete_tags(ckpt_dir)
     if len(tags) > keep:
         return True
-    return bool(tags) and any(p.name.startswith("step_") and p.name < tags[-1] and not (p / MARKER).exists()
-                              for p in ckpt_dir.iterdir())  # fmt: skip
+    return bool(tags) and any(
+        p.name.startswith("step_") and p.name < tags[-1] and not (p / MARKER).exists() for p in ckpt_dir.iterdir()
+    )
 
 
 @pytest.mark.slow
@@ -73,8 +75,14 @@ def test_sigkill_anywhere_always_resumes_from_last_complete_checkpoint(quickstar
     run_dir = tmp_path / "run"
     ckpt_dir = run_dir / "checkpoints"
     keep = 2
-    args = train_args(quickstart_shards, run_dir, "run.checkpoint_every=1", f"run.keep_checkpoints={keep}",
-                      "train.max_steps=100000", "run.log_every=1")  # fmt: skip
+    args = train_args(
+        quickstart_shards,
+        run_dir,
+        "run.checkpoint_every=1",
+        f"run.keep_checkpoints={keep}",
+        "train.max_steps=100000",
+        "run.log_every=1",
+    )
     rng = random.Random(0)
     kills = ["during a checkpoint write", "during a prune", "at a random point"]
     aimed = []
@@ -85,8 +93,9 @@ def test_sigkill_anywhere_always_resumes_from_last_complete_checkpoint(quickstar
         # Plain rank processes (as srun starts them): torchrun puts its workers in sessions of their own,
         # so killing the launcher would leave them running.
         procs = start_ranks(args + (["--resume", "auto"] if i else []), log_dir=tmp_path)
-        assert _wait_for(lambda: (latest_tag(ckpt_dir) or "") > before, 180, poll=0.05), \
+        assert _wait_for(lambda before=before: (latest_tag(ckpt_dir) or "") > before, 180, poll=0.05), (
             f"attempt {i}: no checkpoint newer than {before!r}:\n" + (tmp_path / "rank0.log").read_text()[-3000:]
+        )
         if when == "during a checkpoint write":
             aimed.append(_wait_for(lambda: _mid_write(ckpt_dir), 60, poll=0.001))
         elif when == "during a prune":  # a window of milliseconds: aimed at, not guaranteed to be hit
@@ -155,14 +164,17 @@ def test_removing_a_checkpoint_never_leaves_a_complete_looking_remnant(tmp_path,
 def test_only_sigusr1_requeues(tmp_path, monkeypatch):
     """scancel's SIGTERM stops the run with a checkpoint but must not requeue; Slurm's USR1 warning does."""
     scontrol = tmp_path / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
     scontrol.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        for signals, requeue in [((signal.SIGUSR1,), True), ((signal.SIGTERM,), False),
-                                 ((signal.SIGUSR1, signal.SIGTERM), False)]:  # fmt: skip
+        for signals, requeue in [
+            ((signal.SIGUSR1,), True),
+            ((signal.SIGTERM,), False),
+            ((signal.SIGUSR1, signal.SIGTERM), False),
+        ]:
             stop = preemption.StopFlag()
             for sig in signals:
                 os.kill(os.getpid(), sig)

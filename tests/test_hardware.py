@@ -8,8 +8,14 @@ import logging
 import pytest
 import torch
 
-from meme_scale.hardware import (available_cores, configure_threads, probe_bf16_matmul, ranks_sharing_my_cores,
-                                 resolve_precision, resolve_threads)  # fmt: skip
+from meme_scale.hardware import (
+    available_cores,
+    configure_threads,
+    probe_bf16_matmul,
+    ranks_sharing_my_cores,
+    resolve_precision,
+    resolve_threads,
+)
 
 CPU = torch.device("cpu")
 
@@ -56,7 +62,9 @@ def test_the_real_probe_measures_both_dtypes():
 def test_ranks_sharing_cores_counts_same_host_overlapping_affinity():
     a, b = frozenset({0, 1}), frozenset({2, 3})
     peers = [("n1", a), ("n1", a), ("n1", b), ("n2", a)]
-    assert ranks_sharing_my_cores(peers, 0) == 2  # rank 1 shares its cores; rank 2 is bound elsewhere; n2 is another node
+    assert (
+        ranks_sharing_my_cores(peers, 0) == 2
+    )  # rank 1 shares its cores; rank 2 is bound elsewhere; n2 is another node
     assert ranks_sharing_my_cores(peers, 2) == 1
     assert ranks_sharing_my_cores(peers, 3) == 1
 

@@ -7,6 +7,7 @@ captions naming only a class folder. Both convert, report their real pattern cou
 feed the reader (``observed`` = truth AND the simulated mask), evaluate on complete pairs only, and
 train MEME through train.py (f = 1.0 and f = 0.5).
 """
+
 from __future__ import annotations
 
 import io
@@ -59,8 +60,22 @@ def arrays_shards(digits_arrays, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("incomplete") / "shards")
     from sources_cli import make_shards
 
-    assert make_shards.main(["custom", "--arrays", str(digits_arrays["folder"]), "--modalities", "mnist,digits",
-                             "--out", out, "--shard-size", "100"]) == 0  # fmt: skip
+    assert (
+        make_shards.main(
+            [
+                "custom",
+                "--arrays",
+                str(digits_arrays["folder"]),
+                "--modalities",
+                "mnist,digits",
+                "--out",
+                out,
+                "--shard-size",
+                "100",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -73,8 +88,10 @@ def test_arrays_with_gaps_store_only_what_exists_and_count_patterns(arrays_shard
     assert list(meta["modalities"]) == ["mnist", "digits"]
     totals = Counter()
     for split in ("train", "test"):
-        found = Counter("both" if {"mnist.png", "digits.png"} <= set(r) else "s_only" if "mnist.png" in r
-                        else "t_only" for r in stored(arrays_shards, split))  # fmt: skip
+        found = Counter(
+            "both" if {"mnist.png", "digits.png"} <= set(r) else "s_only" if "mnist.png" in r else "t_only"
+            for r in stored(arrays_shards, split)
+        )
         assert meta["patterns"][split] == {p: found[p] for p in ("both", "s_only", "t_only")}
         totals += found
     assert totals == {"both": 420, "t_only": 120, "s_only": 60}  # 20% without s, 10% without t
@@ -88,8 +105,18 @@ def test_arrays_with_gaps_store_only_what_exists_and_count_patterns(arrays_shard
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])
 def test_reader_observed_is_truth_and_simulated_mask(arrays_shards, fraction: float) -> None:
-    s = TrainStream(arrays_shards, "train", 64, modalities=["mnist", "digits"], rank=0, world_size=1, seed=0,
-                    observed_fraction=fraction, missing="either", num_workers=1)  # fmt: skip
+    s = TrainStream(
+        arrays_shards,
+        "train",
+        64,
+        modalities=["mnist", "digits"],
+        rank=0,
+        world_size=1,
+        seed=0,
+        observed_fraction=fraction,
+        missing="either",
+        num_workers=1,
+    )
     present = {r["__key__"]: ("mnist.png" in r, "digits.png" in r) for r in stored(arrays_shards, "train")}
     absent_seen = Counter()
     for _, _, b in itertools.islice(s, s.steps_per_epoch(0)):
@@ -109,8 +136,9 @@ def test_evaluation_sees_complete_pairs_only(arrays_shards) -> None:
     assert sum(len(b["key"]) for b in batches) == meta["patterns"]["test"]["both"]
     assert all(b["observed"].all() and b["mnist"].flatten(1).any(1).all() for b in batches)
     # one modality: every sample that has it (the classifiers' view)
-    only_mnist = sum(len(b["key"]) for b in eval_batches(arrays_shards, "test", 16, modalities=["mnist"], rank=0,
-                                                          world_size=1))  # fmt: skip
+    only_mnist = sum(
+        len(b["key"]) for b in eval_batches(arrays_shards, "test", 16, modalities=["mnist"], rank=0, world_size=1)
+    )
     assert only_mnist == meta["patterns"]["test"]["both"] + meta["patterns"]["test"]["s_only"]
 
 
@@ -125,8 +153,17 @@ def test_rows_without_any_modality_are_named_or_counted(digits_arrays, tmp_path,
     np.save(folder / "observed.npy", observed)
     res = cli(capsys, "custom", "--arrays", str(folder), "--out", str(tmp_path / "out"), "--modalities", "mnist,digits")
     assert res.returncode == 1 and f"row {row} lacks every modality" in res.stderr, res
-    res = cli(capsys, "custom", "--arrays", str(folder), "--out", str(tmp_path / "out"), "--modalities", "mnist,digits",
-              "--skip-bad")  # fmt: skip
+    res = cli(
+        capsys,
+        "custom",
+        "--arrays",
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--modalities",
+        "mnist,digits",
+        "--skip-bad",
+    )
     assert res.returncode == 0 and "skipped 1 bad (no modality: 1)" in res.stdout, res
     np.save(folder / "observed.npy", observed[:, :1])
     res = cli(capsys, "custom", "--arrays", str(folder), "--out", str(tmp_path / "out2"))
@@ -177,16 +214,30 @@ def captioned_folder(tmp_path_factory) -> dict:
 
 def test_image_folder_and_captions_with_gaps(captioned_folder, tmp_path, capsys) -> None:
     out = str(tmp_path / "out")
-    res = cli(capsys, "custom", "--images", str(captioned_folder["images"]), "--captions",
-              str(captioned_folder["captions"]), "--out", out, "--image-size", "28", "--vocab-size", "320")  # fmt: skip
+    res = cli(
+        capsys,
+        "custom",
+        "--images",
+        str(captioned_folder["images"]),
+        "--captions",
+        str(captioned_folder["captions"]),
+        "--out",
+        out,
+        "--image-size",
+        "28",
+        "--vocab-size",
+        "320",
+    )
     assert res.returncode == 0, res
     meta = read_meta(out)
     assert meta["label"]["names"] == [str(c) for c in range(10)]
     totals = Counter()
     for split in ("train", "test"):
         raws = stored(out, split)
-        found = Counter("both" if {"image.png", "caption.txt"} <= set(r) else "s_only" if "image.png" in r
-                        else "t_only" for r in raws)  # fmt: skip
+        found = Counter(
+            "both" if {"image.png", "caption.txt"} <= set(r) else "s_only" if "image.png" in r else "t_only"
+            for r in raws
+        )
         assert meta["patterns"][split] == {p: found[p] for p in ("both", "s_only", "t_only")}
         for r in raws:  # a caption-only sample keeps its folder's class
             if "image.png" not in r:
@@ -201,14 +252,38 @@ def test_meme_trains_on_both_incomplete_datasets(arrays_shards, captioned_folder
     """train.py on the arrays at f = 1.0 and on the image + caption set at f = 0.5: both finish, and
     evaluation reports how many complete pairs it used."""
     captions = str(tmp_path / "captions")
-    assert cli(capsys, "custom", "--images", str(captioned_folder["images"]), "--captions",
-               str(captioned_folder["captions"]), "--out", captions, "--image-size", "28", "--vocab-size",
-               "320").returncode == 0  # fmt: skip
+    assert (
+        cli(
+            capsys,
+            "custom",
+            "--images",
+            str(captioned_folder["images"]),
+            "--captions",
+            str(captioned_folder["captions"]),
+            "--out",
+            captions,
+            "--image-size",
+            "28",
+            "--vocab-size",
+            "320",
+        ).returncode
+        == 0
+    )
     for root, fraction in ((arrays_shards, "1.0"), (captions, "0.5")):
         run_dir = tmp_path / f"run_{fraction}"
-        launch("python", train_args(root, run_dir, "train.max_steps=4", f"data.observed_fraction={fraction}",
-                                    "model.pseudo_samples=16", "data.num_workers=0", config="configs/custom.yaml"),
-               nproc=1)  # fmt: skip
+        launch(
+            "python",
+            train_args(
+                root,
+                run_dir,
+                "train.max_steps=4",
+                f"data.observed_fraction={fraction}",
+                "model.pseudo_samples=16",
+                "data.num_workers=0",
+                config="configs/custom.yaml",
+            ),
+            nproc=1,
+        )
         info = summary(run_dir)
         assert info["status"] == "finished" and info["step"] == 4
         assert np.isfinite(info["final"]["loss"])

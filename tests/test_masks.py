@@ -1,4 +1,5 @@
 """Observation masks (DESIGN 1.3): pure, deterministic, and within 1 % of the requested fraction."""
+
 from __future__ import annotations
 
 import itertools
@@ -98,8 +99,17 @@ def test_reader_epoch_realises_the_fraction_on_every_rank(quickstart_shards, fra
 
     for world in (1, 2):
         for rank in range(world):
-            stream = TrainStream(str(quickstart_shards), "train", 128, modalities=["mnist", "digits"], rank=rank,
-                                 world_size=world, seed=5, observed_fraction=fraction, missing=missing)  # fmt: skip
+            stream = TrainStream(
+                str(quickstart_shards),
+                "train",
+                128,
+                modalities=["mnist", "digits"],
+                rank=rank,
+                world_size=world,
+                seed=5,
+                observed_fraction=fraction,
+                missing=missing,
+            )
             steps = stream.steps_per_epoch(0)
             masks = [batch["observed"] for _, _, batch in itertools.islice(stream, steps)]
             obs = torch.cat(masks).numpy()
@@ -114,8 +124,18 @@ def test_mask_seed_is_independent_of_the_training_seed(quickstart_shards) -> Non
     from meme_scale.data.shards import TrainStream
 
     def masks(seed: int, mask_seed: int) -> dict[str, tuple[bool, ...]]:
-        stream = TrainStream(str(quickstart_shards), "train", 64, modalities=["mnist", "digits"], rank=0, world_size=1,
-                             seed=seed, observed_fraction=0.5, missing="either", mask_seed=mask_seed)  # fmt: skip
+        stream = TrainStream(
+            str(quickstart_shards),
+            "train",
+            64,
+            modalities=["mnist", "digits"],
+            rank=0,
+            world_size=1,
+            seed=seed,
+            observed_fraction=0.5,
+            missing="either",
+            mask_seed=mask_seed,
+        )
         batches = [b for _, _, b in itertools.islice(stream, 10)]
         return {k: tuple(o.tolist()) for b in batches for k, o in zip(b["key"], b["observed"])}
 

@@ -204,8 +204,9 @@ def test_wasserstein2_closed_form():
     mu, sigma = torch.randn(5, 4), torch.rand(5, 4) + 0.1
     assert torch.equal(wasserstein2_gaussian(mu, sigma, mu, sigma), torch.zeros(5))
     # ||(0,0) - (3,4)||^2 + ||(1,1) - (2,3)||^2 = 25 + (1 + 4) = 30
-    hand = wasserstein2_gaussian(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]),
-                                 torch.tensor([3.0, 4.0]), torch.tensor([2.0, 3.0]))  # fmt: skip
+    hand = wasserstein2_gaussian(
+        torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([3.0, 4.0]), torch.tensor([2.0, 3.0])
+    )
     assert hand.item() == 30.0
     mu2, sigma2 = torch.randn(5, 4), torch.rand(5, 4) + 0.1
     w = wasserstein2_gaussian(mu, sigma, mu2, sigma2)

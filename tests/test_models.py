@@ -6,13 +6,20 @@ import torch
 from meme_scale import objectives as obj
 from meme_scale.models import MEME, NETWORKS, ModalitySpec, auto_network, build_networks
 
-QUICKSTART = [ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"), ModalitySpec("digits", "image", (1, 8, 8), "small_mlp")]
+QUICKSTART = [
+    ModalitySpec("mnist", "image", (1, 28, 28), "mnist_mlp"),
+    ModalitySpec("digits", "image", (1, 8, 8), "small_mlp"),
+]
 
 
 def _batch(n, observed=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     obs = torch.ones(n, 2, dtype=torch.bool) if observed is None else observed
-    return {"mnist": torch.rand(n, 1, 28, 28, generator=g), "digits": torch.rand(n, 1, 8, 8, generator=g), "observed": obs}
+    return {
+        "mnist": torch.rand(n, 1, 28, 28, generator=g),
+        "digits": torch.rand(n, 1, 8, 8, generator=g),
+        "observed": obs,
+    }
 
 
 def _model(**kw):
@@ -40,8 +47,9 @@ def test_mixed_batch_equals_count_weighted_parts():
     batch, noise = _batch(12, obs), _noise(model, 12)
     mixed, terms = model.loss(batch, noise)
     groups = [torch.tensor(g) for g in ([0, 2, 3, 4, 10], [5, 6, 7, 8], [1, 9, 11])]
-    parts = [model.loss(_subset(batch, idx, obs), {m: v[:, idx] for m, v in noise.items()})[0] * len(idx)
-             for idx in groups]  # fmt: skip
+    parts = [
+        model.loss(_subset(batch, idx, obs), {m: v[:, idx] for m, v in noise.items()})[0] * len(idx) for idx in groups
+    ]
     torch.testing.assert_close(mixed, sum(parts) / 12)
     assert {"J_mnist|digits", "J_digits|mnist", "J_mnist", "J_digits"} <= set(terms)
     assert list(terms) == model.term_names
@@ -65,15 +73,36 @@ def test_loss_equals_the_reference_bounds_on_the_same_noise():
         torch.manual_seed(seed)
         noise[x][:, :6] = torch.randn(4, 6, 8)  # what the reference's one randn call will draw
         torch.manual_seed(seed)
-        ref = ref + obj.mutual_supervision_bound(
-            batch[x][:6], batch[y][:6], model.encoders[x], model.decoders[x], model.encoders[y], model.decoders[y],
-            model.log_lik_fn(x), model.log_lik_fn(y), k=3, alpha=model.alpha).sum()  # fmt: skip
+        ref = (
+            ref
+            + obj.mutual_supervision_bound(
+                batch[x][:6],
+                batch[y][:6],
+                model.encoders[x],
+                model.decoders[x],
+                model.encoders[y],
+                model.decoders[y],
+                model.log_lik_fn(x),
+                model.log_lik_fn(y),
+                k=3,
+                alpha=model.alpha,
+            ).sum()
+        )
     for x, y, rows in ((s, t, [6, 7]), (t, s, [8])):
         torch.manual_seed(5)
         noise[x][0, rows] = torch.randn(len(rows), 8)
         torch.manual_seed(5)
-        ref = ref + obj.pseudo_sample_bound(batch[x][rows], model.encoders[x], model.decoders[x], model.encoders[y],
-                                            model.pseudo_data(y), model.log_lik_fn(x)).sum()  # fmt: skip
+        ref = (
+            ref
+            + obj.pseudo_sample_bound(
+                batch[x][rows],
+                model.encoders[x],
+                model.decoders[x],
+                model.encoders[y],
+                model.pseudo_data(y),
+                model.log_lik_fn(x),
+            ).sum()
+        )
     loss, _ = model.loss(batch, noise)
     torch.testing.assert_close(loss, -ref / 9)
 
@@ -205,15 +234,23 @@ def test_each_network_runs_once_per_loss():
         for kind, net in (("enc", model.encoders[name]), ("dec", model.decoders[name])):
             net.register_forward_hook(lambda m, inp, out, key=f"{kind}_{name}": seen[key].append(tuple(inp[0].shape)))
     model.loss(_batch(4))
-    assert seen == {"enc_mnist": [(4, 1, 28, 28)], "enc_digits": [(4, 1, 8, 8)], "dec_mnist": [(28, 8)],
-                    "dec_digits": [(28, 8)]}  # fmt: skip
+    assert seen == {
+        "enc_mnist": [(4, 1, 28, 28)],
+        "enc_digits": [(4, 1, 8, 8)],
+        "dec_mnist": [(28, 8)],
+        "dec_digits": [(28, 8)],
+    }
     for v in seen.values():
         v.clear()
     obs = torch.ones(4, 2, dtype=torch.bool)
     obs[3, 1] = False  # one mnist-only row: digits' pseudo-samples are encoded, once
     model.loss(_batch(4, obs))
-    assert seen == {"enc_mnist": [(4, 1, 28, 28)], "enc_digits": [(3, 1, 8, 8), (16, 1, 8, 8)],
-                    "dec_mnist": [(4 + 6 * 3, 8)], "dec_digits": [(3 + 6 * 3, 8)]}  # fmt: skip
+    assert seen == {
+        "enc_mnist": [(4, 1, 28, 28)],
+        "enc_digits": [(3, 1, 8, 8), (16, 1, 8, 8)],
+        "dec_mnist": [(4 + 6 * 3, 8)],
+        "dec_digits": [(3 + 6 * 3, 8)],
+    }
 
 
 class _Probe(torch.nn.Module):

@@ -13,8 +13,11 @@ B, L, DX, DY = 5, 3, 6, 4
 
 def _linear_net(d_in, d_out, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.nn.Linear(d_in, d_out).double().requires_grad_(True).apply(
-        lambda m: [p.data.copy_(torch.randn(p.shape, generator=g) * 0.5) for p in m.parameters()]
+    return (
+        torch.nn.Linear(d_in, d_out)
+        .double()
+        .requires_grad_(True)
+        .apply(lambda m: [p.data.copy_(torch.randn(p.shape, generator=g) * 0.5) for p in m.parameters()])
     )
 
 
@@ -71,10 +74,12 @@ def test_categorical_log_prob_ignores_padding():
     logits = torch.randn(3, 5, 7)
     tokens = torch.randint(1, 7, (3, 5))
     tokens[0, 3:] = 0
-    expected = torch.stack([
-        sum(D.Categorical(logits=logits[b, t]).log_prob(tokens[b, t]) for t in range(5) if tokens[b, t] != 0)
-        for b in range(3)
-    ])  # fmt: skip
+    expected = torch.stack(
+        [
+            sum(D.Categorical(logits=logits[b, t]).log_prob(tokens[b, t]) for t in range(5) if tokens[b, t] != 0)
+            for b in range(3)
+        ]
+    )
     torch.testing.assert_close(obj.categorical_log_prob(tokens, logits, pad_id=0), expected)
     assert obj.categorical_log_prob(tokens, logits.expand(2, 3, 5, 7), pad_id=0).shape == (2, 3)
 
@@ -89,10 +94,12 @@ def test_gaussian_kl_matches_torch_distributions():
 
 def test_mixture_prior_matches_direct_logsumexp():
     z, mus, sigmas = torch.randn(5, 3), torch.randn(7, 3), torch.rand(7, 3) + 0.2
-    direct = torch.stack([
-        torch.log(sum(torch.exp(D.Normal(mus[i], sigmas[i]).log_prob(z[b]).sum()) for i in range(7)) / 7)
-        for b in range(5)
-    ])  # fmt: skip
+    direct = torch.stack(
+        [
+            torch.log(sum(torch.exp(D.Normal(mus[i], sigmas[i]).log_prob(z[b]).sum()) for i in range(7)) / 7)
+            for b in range(5)
+        ]
+    )
     torch.testing.assert_close(obj.mixture_log_prob(z, mus, sigmas), direct)
 
 
@@ -238,6 +245,7 @@ def test_cross_term_is_one_batched_decoder_pass(nets):
         return lambda z: calls[name].append(tuple(z.shape)) or nets[name](z)
 
     k = 6
-    obj.mutual_supervision_bound(nets["x"], nets["y"], nets["ex"], counted("dx"), nets["ey"], counted("dy"),
-                                 laplace_lik, laplace_lik, k=k)  # fmt: skip
+    obj.mutual_supervision_bound(
+        nets["x"], nets["y"], nets["ex"], counted("dx"), nets["ey"], counted("dy"), laplace_lik, laplace_lik, k=k
+    )
     assert calls == {"dx": [(B, L)], "dy": [(k + 1, B, L)]}

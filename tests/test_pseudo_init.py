@@ -18,9 +18,16 @@ def _training_samples(root) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("missing", ["t", "either"])
 def test_pseudo_samples_are_distinct_observed_training_samples(quickstart_shards, missing):
     n = 64
-    cfg = load_config("configs/quickstart.yaml", [f"data.root={quickstart_shards}", "data.observed_fraction=0.25",
-                                                  f"data.missing={missing}", f"model.pseudo_samples={n}",
-                                                  "train.micro_batch_size=32"])  # fmt: skip
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        [
+            f"data.root={quickstart_shards}",
+            "data.observed_fraction=0.25",
+            f"data.missing={missing}",
+            f"model.pseudo_samples={n}",
+            "train.micro_batch_size=32",
+        ],
+    )
     picked = initial_pseudo_samples(cfg, ["mnist", "digits"])
     data = _training_samples(quickstart_shards)
     for m, samples in picked.items():
@@ -33,7 +40,14 @@ def test_pseudo_samples_are_distinct_observed_training_samples(quickstart_shards
 
 
 def test_too_few_observed_samples_is_an_error_naming_the_counts(quickstart_shards):
-    cfg = load_config("configs/quickstart.yaml", [f"data.root={quickstart_shards}", "data.observed_fraction=0.01",
-                                                  "data.missing=t", "model.pseudo_samples=1000"])  # fmt: skip
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        [
+            f"data.root={quickstart_shards}",
+            "data.observed_fraction=0.01",
+            "data.missing=t",
+            "model.pseudo_samples=1000",
+        ],
+    )
     with pytest.raises(ValueError, match=r"observed_fraction=0.01.*model.pseudo_samples=1000.*'digits': \d+"):
         initial_pseudo_samples(cfg, ["mnist", "digits"])

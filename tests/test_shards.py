@@ -4,6 +4,7 @@ All tests read real tar shards written into tmp_path by the project's ShardWrite
 shards, by webdataset's TarWriter). Toy set: 250 train samples in shards of 40 (7 shards, the
 last one 10), 61 test samples; modalities 'a' (1x4x4 image) and 'b' (1x2x2 image or [3] vector).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -16,8 +17,15 @@ from conftest_data import edit_json, expected_batch, label, make_dataset, write_
 
 from meme_scale.data import shards
 from meme_scale.data.masks import observation_for_keys
-from meme_scale.data.shards import (ShardFormatError, TrainStream, eval_batches, iter_shard, read_meta, shard_paths,
-                                     steps_per_epoch)
+from meme_scale.data.shards import (
+    ShardFormatError,
+    TrainStream,
+    eval_batches,
+    iter_shard,
+    read_meta,
+    shard_paths,
+    steps_per_epoch,
+)
 
 B, SEED = 16, 3
 
@@ -100,7 +108,7 @@ def test_resume_reproduces_the_uninterrupted_sequence(root: str, workers: int) -
         i = position[(e, j)]
         assert_same(take(stream(root, start_epoch=e, start_batch=j, num_workers=workers), len(ref) - i), ref[i:])
     # A position saved after an epoch's last batch continues with the next epoch.
-    assert_same(take(stream(root, start_epoch=0, start_batch=steps0), 2), ref[steps0:steps0 + 2])
+    assert_same(take(stream(root, start_epoch=0, start_batch=steps0), 2), ref[steps0 : steps0 + 2])
 
 
 def test_epochs_and_seeds_shuffle_differently(root: str) -> None:
@@ -163,8 +171,9 @@ def test_argument_errors(root: str) -> None:
     with pytest.raises(ValueError, match="7 shards cannot be split over 8 ranks"):
         stream(root, rank=0, world_size=8)
     with pytest.raises(ValueError, match="batch_size 200 exceeds"):
-        TrainStream(root, "train", 200, modalities=["a", "b"], rank=0, world_size=2, seed=0,
-                    observed_fraction=1.0, missing="s")
+        TrainStream(
+            root, "train", 200, modalities=["a", "b"], rank=0, world_size=2, seed=0, observed_fraction=1.0, missing="s"
+        )
     with pytest.raises(ValueError, match="past the end of epoch 0"):
         stream(root, start_batch=999)
     with pytest.raises(ValueError, match="subset of"):
@@ -256,10 +265,16 @@ def test_sizes_json_disagrees_with_shard(fresh: str) -> None:
 
 
 def test_decoded_shape_disagrees_with_meta(fresh: str) -> None:
-    edit_json(fresh, "meta.json", lambda m: {**m, "modalities": {**m["modalities"],
-                                                                "a": {**m["modalities"]["a"], "shape": [1, 5, 5]}}})
-    with pytest.raises(ShardFormatError, match=r"shard toy-train-\d+.tar, key \d{9}, modality 'a': "
-                                               r"expected shape \(1, 5, 5\), got \(1, 4, 4\)"):
+    edit_json(
+        fresh,
+        "meta.json",
+        lambda m: {**m, "modalities": {**m["modalities"], "a": {**m["modalities"]["a"], "shape": [1, 5, 5]}}},
+    )
+    with pytest.raises(
+        ShardFormatError,
+        match=r"shard toy-train-\d+.tar, key \d{9}, modality 'a': "
+        r"expected shape \(1, 5, 5\), got \(1, 4, 4\)",
+    ):
         first_batch(fresh)
 
 
@@ -274,8 +289,9 @@ def test_undecodable_image(fresh: str) -> None:
 def test_pax_shards_read_like_plain_ones(fresh: str, pax_from: int) -> None:
     before = [r for r in iter_shard(os.path.join(fresh, TRAIN0))]
     ref = take(stream(fresh), 3)
-    write_raw_shard(os.path.join(fresh, TRAIN0), [{k: v for k, v in r.items() if k != "__url__"} for r in before],
-                    pax_from=pax_from)
+    write_raw_shard(
+        os.path.join(fresh, TRAIN0), [{k: v for k, v in r.items() if k != "__url__"} for r in before], pax_from=pax_from
+    )
     assert b"PaxHeader" in open(os.path.join(fresh, TRAIN0), "rb").read()
     assert [r for r in iter_shard(os.path.join(fresh, TRAIN0), 40)] == before
     assert_same(take(stream(fresh), 3), ref)
@@ -286,7 +302,6 @@ def test_data_workers_and_their_server_end_with_a_killed_reader(root: str, tmp_p
     import signal
     import subprocess
     import sys
-    import time
 
     import psutil
 
@@ -299,7 +314,8 @@ def test_data_workers_and_their_server_end_with_a_killed_reader(root: str, tmp_p
         "                    observed_fraction=1.0, missing='either', num_workers=2)\n"
         "    it = iter(s); next(it)\n"
         "    print('ready', flush=True)\n"
-        "    time.sleep(600)\n")  # fmt: skip
+        "    time.sleep(600)\n"
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"

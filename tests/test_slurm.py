@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT, summary
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 SCRIPT = ROOT / "cluster" / "train.sbatch"
@@ -36,14 +35,21 @@ def slurm(tmp_path_factory):
     if not required and os.environ.get("MEME_SCALE_SLURM_TESTS") != "1":
         # Never by default: on a machine with a real Slurm (a cluster node) the fixture would overwrite
         # /etc/slurm/slurm.conf and stop its daemons.
-        pytest.skip("Slurm tests start their own slurmctld/slurmd as root, rewriting /etc/slurm/slurm.conf; "
-                    "opt in with MEME_SCALE_SLURM_TESTS=1 on a machine without a real Slurm "
-                    "(set up with: sudo cluster/local_slurm.sh install)")  # fmt: skip
-    missing = [b for b in ("sbatch", "slurmctld", "slurmd", "munged") if shutil.which(b) is None and
-               not Path("/usr/sbin", b).exists()]  # fmt: skip
+        pytest.skip(
+            "Slurm tests start their own slurmctld/slurmd as root, rewriting /etc/slurm/slurm.conf; "
+            "opt in with MEME_SCALE_SLURM_TESTS=1 on a machine without a real Slurm "
+            "(set up with: sudo cluster/local_slurm.sh install)"
+        )
+    missing = [
+        b
+        for b in ("sbatch", "slurmctld", "slurmd", "munged")
+        if shutil.which(b) is None and not Path("/usr/sbin", b).exists()
+    ]
     if missing or os.geteuid() != 0:
-        why = f"no local Slurm ({'missing ' + ', '.join(missing) if missing else 'not root'}); " \
-              "install with: sudo cluster/local_slurm.sh install"  # fmt: skip
+        why = (
+            f"no local Slurm ({'missing ' + ', '.join(missing) if missing else 'not root'}); "
+            "install with: sudo cluster/local_slurm.sh install"
+        )
         if required:
             pytest.fail(why)
         pytest.skip(why)
@@ -53,21 +59,35 @@ def slurm(tmp_path_factory):
     if _JOBS:  # a failed test's job must not run on under later tests
         subprocess.run(["scancel", *_JOBS], check=False)
         deadline = time.time() + 60
-        while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", ",".join(_JOBS)],
-                                                        capture_output=True, text=True).stdout.strip():  # fmt: skip
+        while (
+            time.time() < deadline
+            and subprocess.run(["squeue", "-h", "-j", ",".join(_JOBS)], capture_output=True, text=True).stdout.strip()
+        ):
             time.sleep(1)
     subprocess.run([str(ROOT / "cluster" / "local_slurm.sh"), "stop", str(state)], check=False, timeout=60)
 
 
 def _env() -> dict:
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
-            "MEME_SCALE_REPO": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "MEME_SCALE_REPO": str(ROOT),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _submit(cwd: Path, name: str, *args: str) -> str:
-    out = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", f"--job-name={name}", str(SCRIPT), *args],
-                         cwd=cwd, env=_env(), capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", f"--job-name={name}", str(SCRIPT), *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job = out.stdout.strip().split(";")[0]
     _JOBS.append(job)
     return job
@@ -89,8 +109,15 @@ def _wait(predicate, timeout: float, what: str, poll: float = 1.0):
 
 
 def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [str(ROOT / "configs" / "quickstart.yaml"), f"data.root={data}", f"run.dir={run_dir}",
-            "train.micro_batch_size=32", "run.progress=lines", "run.eval_max_batches=2", *extra]  # fmt: skip
+    return [
+        str(ROOT / "configs" / "quickstart.yaml"),
+        f"data.root={data}",
+        f"run.dir={run_dir}",
+        "train.micro_batch_size=32",
+        "run.progress=lines",
+        "run.eval_max_batches=2",
+        *extra,
+    ]
 
 
 def _finished(job: str) -> str | None:
@@ -104,7 +131,8 @@ def test_sbatch_two_tasks_completes(slurm, quickstart_shards, tmp_path):
     state = _wait(lambda: _finished(job), 240, f"job {job}")
     logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
     assert state == "COMPLETED", (tmp_path / f"meme_scale-{job}.out").read_text() + "".join(
-        (tmp_path / "logs" / name).read_text()[-2000:] for name in logs)
+        (tmp_path / "logs" / name).read_text()[-2000:] for name in logs
+    )
     assert logs == [f"meme_ok-{job}-rank0.out", f"meme_ok-{job}-rank1.out"]  # a log per job and rank
     info = summary(run_dir)
     assert info["world_size"] == 2 and info["step"] == 6
@@ -115,8 +143,11 @@ def test_sbatch_two_tasks_completes(slurm, quickstart_shards, tmp_path):
 
 def test_usr1_checkpoints_requeues_and_finishes(slurm, quickstart_shards, tmp_path):
     run_dir = tmp_path / "run"
-    job = _submit(tmp_path, "meme_usr1", *_args(quickstart_shards, run_dir, "train.max_steps=200", "run.log_every=10",
-                                                "run.checkpoint_every=1000"))  # fmt: skip
+    job = _submit(
+        tmp_path,
+        "meme_usr1",
+        *_args(quickstart_shards, run_dir, "train.max_steps=200", "run.log_every=10", "run.checkpoint_every=1000"),
+    )
     rank0 = tmp_path / "logs" / f"meme_usr1-{job}-rank0.out"
     _wait(lambda: rank0.is_file() and "step 20/200" in rank0.read_text(), 240, "20 training steps")
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
@@ -125,7 +156,7 @@ def test_usr1_checkpoints_requeues_and_finishes(slurm, quickstart_shards, tmp_pa
     _wait(lambda: _job(job).get("Restarts") == "1", 120, "the requeue")
     first = _wait(lambda: (run_dir / "summary.json").is_file() and summary(run_dir), 60, "the first summary")
     assert first["stopped_by"] == "signal" and 20 <= first["step"] < 200
-    assert (run_dir / "checkpoints" / f"step_{first['step']:08d}" / "meme_scale.json").is_file()
+    assert (run_dir / "checkpoints" / "step_{:08d}".format(first["step"]) / "meme_scale.json").is_file()
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip requeue delay
 
     state = _wait(lambda: _finished(job), 300, f"requeued job {job}")
@@ -136,7 +167,8 @@ def test_usr1_checkpoints_requeues_and_finishes(slurm, quickstart_shards, tmp_pa
     # The requeued job writes to the same per-rank files (same job id): they hold both runs, in order.
     text = rank0.read_text()
     first_done = text.find(f"done: step {first['step']};")
-    resumed = text.find(f"resumed from {run_dir / 'checkpoints' / ('step_%08d' % first['step'])}")
+    tag = "step_{:08d}".format(first["step"])
+    resumed = text.find(f"resumed from {run_dir / 'checkpoints' / tag}")
     assert 0 <= text.find("step 20/200") < first_done < resumed < text.find("done: step 200;"), text[-3000:]
     history = MlflowClient(final["tracking_uri"]).get_metric_history(final["mlflow_run_id"], "loss")
     assert max(m.step for m in history) == 200

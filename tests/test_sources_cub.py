@@ -1,5 +1,6 @@
 """CUB converter on a CUB_200_2011-shaped fixture tree (JPEGs written by PIL, images.txt,
 image_class_labels.txt, classes.txt, text/<class>/<image>.txt with 10 captions, class lists)."""
+
 from __future__ import annotations
 
 import io
@@ -42,8 +43,11 @@ def converted(tmp_path_factory) -> tuple[str, str, dict]:
     out = str(root / "shards")
     res = cli_subprocess("cub", "--root", str(root / "CUB_200_2011"), "--out", out, "--shard-size", "30")
     assert res.returncode == 0, res.stderr
-    assert re.fullmatch(r"cub: 120 train \+ 60 test \(image, caption\) pairs, vocab \d+, 2 caption\(s\) truncated "
-                        r"to 32 tokens -> .+ in [\d.]+ s\n", res.stdout)
+    assert re.fullmatch(
+        r"cub: 120 train \+ 60 test \(image, caption\) pairs, vocab \d+, 2 caption\(s\) truncated "
+        r"to 32 tokens -> .+ in [\d.]+ s\n",
+        res.stdout,
+    )
     return out, str(root / "CUB_200_2011"), info
 
 
@@ -62,8 +66,14 @@ def test_meta_tokenizer_and_validation(converted) -> None:
     cap = meta["modalities"]["caption"]
     assert meta["modalities"]["image"] == {"kind": "image", "field": "image.png", "shape": [3, 64, 64]}
     assert {k: cap[k] for k in ("kind", "field", "shape", "tokenizer", "pad_id", "eos_id", "unk_id")} == {
-        "kind": "caption", "field": "caption.txt", "shape": [32], "tokenizer": "caption.spm.model",
-        "pad_id": 0, "eos_id": 2, "unk_id": 1}
+        "kind": "caption",
+        "field": "caption.txt",
+        "shape": [32],
+        "tokenizer": "caption.spm.model",
+        "pad_id": 0,
+        "eos_id": 2,
+        "unk_id": 1,
+    }
     tk = tok.Tokenizer.load(os.path.join(out, "caption.spm.model"))
     assert cap["vocab_size"] == tk.vocab_size <= 1000
     assert sum(cap["truncated"].values()) == 2  # two fixture captions are far longer than 32 tokens
@@ -115,8 +125,18 @@ def test_reader_tokenises_captions_and_truncates_long_ones(converted) -> None:
     assert len(texts) == 120 and long_rows >= 1
     stored = {r["caption"] for r in samples(out, "train")}
     assert sum(t in stored for t in texts) == 120 - long_rows, "short captions round-trip exactly"
-    stream = TrainStream(out, "train", 8, modalities=["image", "caption"], rank=1, world_size=2, seed=0,
-                         observed_fraction=0.25, missing="either", num_workers=1)
+    stream = TrainStream(
+        out,
+        "train",
+        8,
+        modalities=["image", "caption"],
+        rank=1,
+        world_size=2,
+        seed=0,
+        observed_fraction=0.25,
+        missing="either",
+        num_workers=1,
+    )
     _, _, b = next(iter(stream))
     hidden = ~b["observed"][:, 1]
     assert hidden.any() and (b["caption"][hidden] == tk.pad_id).all(), "hidden captions are all pad"
@@ -134,21 +154,42 @@ def test_image_size_and_deterministic_output(converted, tmp_path) -> None:
 
 # ---- image features (ResNet-101): clear failures without weights or torchvision; stubbed run ----
 
+
 def test_features_need_weights_and_torchvision(converted, tmp_path, capsys) -> None:
     _, root, _ = converted
     res = cli(capsys, "cub", "--root", root, "--out", str(tmp_path / "out"), "--features", "resnet101")
     assert res.returncode == 1 and "--features resnet101 needs --weights FILE" in res.stderr
     weights = tmp_path / "resnet101.pth"
     torch.save({"w": torch.zeros(1)}, weights)
-    res = cli(capsys, "cub", "--root", root, "--out", str(tmp_path / "out"), "--features", "resnet101",
-              "--weights", str(tmp_path / "missing.pth"))
+    res = cli(
+        capsys,
+        "cub",
+        "--root",
+        root,
+        "--out",
+        str(tmp_path / "out"),
+        "--features",
+        "resnet101",
+        "--weights",
+        str(tmp_path / "missing.pth"),
+    )
     assert res.returncode == 1 and "missing.pth: file not found" in res.stderr
     if "torchvision" not in sys.modules:
         try:
             import torchvision  # noqa: F401
         except ImportError:
-            res = cli(capsys, "cub", "--root", root, "--out", str(tmp_path / "out"), "--features", "resnet101",
-                      "--weights", str(weights))
+            res = cli(
+                capsys,
+                "cub",
+                "--root",
+                root,
+                "--out",
+                str(tmp_path / "out"),
+                "--features",
+                "resnet101",
+                "--weights",
+                str(weights),
+            )
             assert res.returncode == 1 and "needs the torchvision package" in res.stderr
     assert_nothing_left(tmp_path)
 
@@ -184,6 +225,7 @@ def test_feature_modality_with_stubbed_torchvision(converted, tmp_path, monkeypa
 
 
 # ---- bad input: a clear error naming the file, or a counted skip with --skip-bad ----
+
 
 @pytest.fixture
 def tree(tmp_path) -> tuple[str, dict]:
@@ -231,8 +273,10 @@ def test_mismatched_and_truncated_metadata(tree, tmp_path, capsys) -> None:
     err = _fails(capsys, tmp_path, root)
     assert "images.txt lists 6 images but" in err and "image_class_labels.txt labels 5" in err
     open(path, "w").write("\n".join(lines[:-1]) + "\n" + lines[-1].split()[0] + "\n")  # last line cut short
-    assert re.search(r"image_class_labels.txt, line 6: expected 2 fields, got '6' \(truncated file\?\)",
-                     _fails(capsys, tmp_path, root))
+    assert re.search(
+        r"image_class_labels.txt, line 6: expected 2 fields, got '6' \(truncated file\?\)",
+        _fails(capsys, tmp_path, root),
+    )
 
 
 def test_undecodable_and_truncated_images(tree, tmp_path, capsys) -> None:
@@ -263,6 +307,7 @@ def test_empty_or_missing_caption_files(tree, tmp_path, capsys) -> None:
     open(empty, "w").write("a red bird\n")
     res = _run(capsys, tmp_path, root, "--overwrite")
     assert res.returncode == 1 and f"caption file {missing} not found" in res.stderr
-    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("out")) == ["out"], \
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("out")) == ["out"], (
         "a failed --overwrite leaves the previous shard set as it was, and no temporary folder"
+    )
     assert read_meta(str(tmp_path / "out"))["source"]["skipped"]["total"] == 2

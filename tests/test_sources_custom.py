@@ -1,5 +1,6 @@
 """custom converter: aligned arrays (kinds inferred or declared) and an image folder + captions file;
 configs/custom.yaml picks networks from meta.json."""
+
 from __future__ import annotations
 
 import io
@@ -29,13 +30,18 @@ def test_arrays_with_captions_via_cli(tmp_path) -> None:
     out = str(tmp_path / "out")
     res = cli_subprocess("custom", "--arrays", str(tmp_path / "arr"), "--out", out, "--shard-size", "20")
     assert res.returncode == 0, res.stderr
-    assert re.fullmatch(r"custom: 54 train \+ 6 test samples; pic \(image \[1, 28, 28\]\), text \(caption \[32\]\) "
-                        r"-> .+ in [\d.]+ s\n", res.stdout)
+    assert re.fullmatch(
+        r"custom: 54 train \+ 6 test samples; pic \(image \[1, 28, 28\]\), text \(caption \[32\]\) "
+        r"-> .+ in [\d.]+ s\n",
+        res.stdout,
+    )
     meta = read_meta(out)
     assert list(meta["modalities"]) == ["pic", "text"] and meta["label"]["names"] == ["0", "1", "2", "3", "4"]
     assert meta["modalities"]["text"]["tokenizer"] == "text.spm.model"
-    lookup = {img.tobytes(): (int(y), tok.normalise(t)) for img, y, t in zip(written["pic"], written["label"],
-                                                                               written["text"])}
+    lookup = {
+        img.tobytes(): (int(y), tok.normalise(t))
+        for img, y, t in zip(written["pic"], written["label"], written["text"])
+    }
     got = rows(out)
     assert len(got) == 60
     for raw in got:  # every row keeps its own pixels, label and caption together
@@ -46,8 +52,10 @@ def test_arrays_with_captions_via_cli(tmp_path) -> None:
     # configs/custom.yaml: data.root is the only override; networks come from meta.json
     cfg = load_config("configs/custom.yaml", [f"data.root={out}"])
     specs = modality_specs(cfg.model, read_meta(out))
-    assert [(s.name, s.kind, s.net, s.shape) for s in specs] == [("pic", "image", "mnist_mlp", (1, 28, 28)),
-                                                                  ("text", "caption", "caption_cnn", (32,))]
+    assert [(s.name, s.kind, s.net, s.shape) for s in specs] == [
+        ("pic", "image", "mnist_mlp", (1, 28, 28)),
+        ("text", "caption", "caption_cnn", (32,)),
+    ]
     assert specs[1].vocab_size == meta["modalities"]["text"]["vocab_size"] and specs[1].pad_id == 0
     model = build_model(cfg.model, specs)
     batch = next(eval_batches(out, "train", 4, modalities=["pic", "text"], rank=0, world_size=1))
@@ -66,12 +74,29 @@ def test_vectors_declared_kinds_and_given_splits(tmp_path, capsys) -> None:
         np.save(d / "caps.npy", np.array([f"sample {i} of {split}" for i in range(n)]))  # unicode array: captions
         np.save(d / "label.npy", np.arange(n) % 3)
         open(d / "label_names.txt", "w").write("x\ny\nz\n")
-    res = cli(capsys, "custom", "--arrays", str(base), "--out", str(tmp_path / "out"), "--kind", "b=vector",
-              "--modalities", "b,a,caps", "--shard-size", "16", "--vocab-size", "300")
+    res = cli(
+        capsys,
+        "custom",
+        "--arrays",
+        str(base),
+        "--out",
+        str(tmp_path / "out"),
+        "--kind",
+        "b=vector",
+        "--modalities",
+        "b,a,caps",
+        "--shard-size",
+        "16",
+        "--vocab-size",
+        "300",
+    )
     assert res.returncode == 0, res.stderr
     meta = read_meta(str(tmp_path / "out"))
     assert [(m, v["kind"], v["shape"]) for m, v in meta["modalities"].items()] == [
-        ("b", "vector", [6]), ("a", "image", [1, 8, 8]), ("caps", "caption", [32])]
+        ("b", "vector", [6]),
+        ("a", "image", [1, 8, 8]),
+        ("caps", "caption", [32]),
+    ]
     assert meta["splits"] == {"train": 30, "test": 10} and meta["label"]["names"] == ["x", "y", "z"]
     b = np.load(base / "test" / "b.npy").reshape(10, 6)
     a = np.rint(np.load(base / "test" / "a.npy") * 255).astype(np.uint8)
@@ -91,8 +116,22 @@ def test_image_folder_and_captions_file(tmp_path, capsys) -> None:
             Image.fromarray(np.full((20, 30, 3), 100 * c + 10 * i, np.uint8)).save(images / cls / f"{i}.png")
             lines += [f"{cls}/{i}.png\ta {cls[:-1]} number {i}", f"{cls}/{i}.png\tanother {cls[:-1]} picture"]
     open(tmp_path / "caps.tsv", "w").write("\n".join(lines) + "\n")
-    res = cli(capsys, "custom", "--images", str(images), "--captions", str(tmp_path / "caps.tsv"), "--out",
-              str(tmp_path / "out"), "--image-size", "16", "--test-fraction", "0.2", "--shard-size", "8")
+    res = cli(
+        capsys,
+        "custom",
+        "--images",
+        str(images),
+        "--captions",
+        str(tmp_path / "caps.tsv"),
+        "--out",
+        str(tmp_path / "out"),
+        "--image-size",
+        "16",
+        "--test-fraction",
+        "0.2",
+        "--shard-size",
+        "8",
+    )
     assert res.returncode == 0, res.stderr
     meta = read_meta(str(tmp_path / "out"))
     assert meta["modalities"]["image"]["shape"] == [3, 16, 16] and meta["label"]["names"] == ["cats", "dogs"]
@@ -129,8 +168,9 @@ def test_bad_inputs_name_the_file(tmp_path, capsys) -> None:
     text = open(arr / "text.txt").read().splitlines()
     text[4] = "   "
     open(arr / "text.txt", "w").write("\n".join(text) + "\n")
-    assert f"{arr / 'text.txt'}, row 4: empty caption (pass --skip-bad" in fails("--arrays", str(arr), "--test-fraction",
-                                                                                  "0.01")
+    assert f"{arr / 'text.txt'}, row 4: empty caption (pass --skip-bad" in fails(
+        "--arrays", str(arr), "--test-fraction", "0.01"
+    )
     assert "--kind 'pic=sound'" in fails("--arrays", str(arr), "--kind", "pic=sound")
     np.save(arr / "pic.npy", np.random.default_rng(0).normal(size=(20, 28, 28)))
     assert "declare --kind pic=vector" in fails("--arrays", str(arr))
@@ -143,14 +183,28 @@ def test_bad_inputs_name_the_file(tmp_path, capsys) -> None:
     caps = tmp_path / "caps.tsv"
     open(caps, "w").write("0.png\tone\n1.png\ttwo\n2.png\tthree\nbroken.png\tfour\n")
     assert f"image {images / 'broken.png'} will not decode" in fails("--images", str(images), "--captions", str(caps))
-    res = cli(capsys, "custom", "--images", str(images), "--captions", str(caps), "--out", str(tmp_path / "ok"),
-              "--skip-bad", "--test-fraction", "0.3")
+    res = cli(
+        capsys,
+        "custom",
+        "--images",
+        str(images),
+        "--captions",
+        str(caps),
+        "--out",
+        str(tmp_path / "ok"),
+        "--skip-bad",
+        "--test-fraction",
+        "0.3",
+    )
     assert res.returncode == 0 and "skipped 1 bad (image: 1)" in res.stdout
     open(caps, "w").write("0.png one\n")
-    assert f"{caps}, line 1: expected '<image path>\\t<caption>'" in fails("--images", str(images), "--captions", str(caps))
+    assert f"{caps}, line 1: expected '<image path>\\t<caption>'" in fails(
+        "--images", str(images), "--captions", str(caps)
+    )
     open(caps, "w").write("0.png\tone\n9.png\tnine\n")
-    assert f"image {images / '9.png'} not found (listed in {caps})" in fails("--images", str(images), "--captions",
-                                                                              str(caps))
+    assert f"image {images / '9.png'} not found (listed in {caps})" in fails(
+        "--images", str(images), "--captions", str(caps)
+    )
     assert "--images needs --captions" in fails("--images", str(images))
 
 
@@ -167,8 +221,9 @@ def test_infer_kind_rules() -> None:
 
 def test_too_small_vocab_size_is_a_clear_error_and_leaves_nothing(tmp_path, capsys) -> None:
     fakeraw.arrays_folder(str(tmp_path / "arr"), n=20)
-    res = cli(capsys, "custom", "--arrays", str(tmp_path / "arr"), "--out", str(tmp_path / "out"),
-              "--vocab-size", "100")
+    res = cli(
+        capsys, "custom", "--arrays", str(tmp_path / "arr"), "--out", str(tmp_path / "out"), "--vocab-size", "100"
+    )
     assert res.returncode == 1 and res.stderr.startswith("make_shards.py custom: error: --vocab-size"), res
     assert re.search(r"--vocab-size \(meta.json vocab_size\) 100 is too small.* at least \d+ ", res.stderr), res
     assert "Traceback" not in res.stderr

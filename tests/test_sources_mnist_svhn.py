@@ -1,5 +1,6 @@
 """MNIST-SVHN converter on fixtures in the original formats: idx files (gzipped and plain, headers
 packed with struct) and SVHN .mat files written by scipy (X [32,32,3,N], y with 10 for digit 0)."""
+
 from __future__ import annotations
 
 import gzip
@@ -50,8 +51,10 @@ def converted(tmp_path_factory) -> tuple[str, dict, dict]:
 def test_meta_shapes_counts_and_validation(converted) -> None:
     out, _, _ = converted
     meta = read_meta(out)
-    assert meta["modalities"] == {"mnist": {"kind": "image", "field": "mnist.png", "shape": [1, 28, 28]},
-                                  "svhn": {"kind": "image", "field": "svhn.png", "shape": [3, 32, 32]}}
+    assert meta["modalities"] == {
+        "mnist": {"kind": "image", "field": "mnist.png", "shape": [1, 28, 28]},
+        "svhn": {"kind": "image", "field": "svhn.png", "shape": [3, 32, 32]},
+    }
     assert meta["label"]["names"] == [str(c) for c in range(10)]
     assert meta["splits"] == {"train": 40, "test": 20} and len(shard_paths(out, "train")) == 4
     src = meta["source"]
@@ -73,8 +76,10 @@ def test_pixels_labels_and_pairs_share_a_class(converted) -> None:
             used_m[m.tobytes()] += 1
         # pairings 1, n_c = min(#mnist_c, #svhn_c) = #mnist_c: every MNIST image exactly once
         assert len(used_m) == len(mnist[split][0]) and set(used_m.values()) == {1}
-    shard_labels = [{lab for *_, lab, shard in decoded(out, "train") if shard == name}
-                    for name in sorted({r[3] for r in decoded(out, "train")})]
+    shard_labels = [
+        {lab for *_, lab, shard in decoded(out, "train") if shard == name}
+        for name in sorted({r[3] for r in decoded(out, "train")})
+    ]
     assert all(len(labels) > 3 for labels in shard_labels), "pairs are shuffled: shards mix classes"
 
 
@@ -105,6 +110,7 @@ def test_rand_match_on_idx_caps_per_class() -> None:
 
 # ---- bad input: a clear error naming the file; nothing that looks like a shard set is left ----
 
+
 @pytest.fixture
 def _fails(tmp_path, capsys):
     def run(where, m: str, s: str, *extra: str) -> str:
@@ -112,6 +118,7 @@ def _fails(tmp_path, capsys):
         assert res.returncode == 1 and res.stderr.startswith("make_shards.py mnist-svhn: error: "), res
         assert_nothing_left(where)
         return res.stderr
+
     return run
 
 
@@ -135,8 +142,10 @@ def test_truncated_files_are_named(tmp_path, _fails, capsys) -> None:
     path = os.path.join(m, "train-images-idx3-ubyte")
     data = open(path, "rb").read()
     open(path, "wb").write(data[:-100])
-    assert re.search(r"train-images-idx3-ubyte: truncated or padded: header says shape \[40, 28, 28\]",
-                     _fails(tmp_path / "plain", m, s))
+    assert re.search(
+        r"train-images-idx3-ubyte: truncated or padded: header says shape \[40, 28, 28\]",
+        _fails(tmp_path / "plain", m, s),
+    )
     m, s, _, _ = make_raw(tmp_path / "mat")
     path = os.path.join(s, "train_32x32.mat")
     data = open(path, "rb").read()

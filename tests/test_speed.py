@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import ROOT, free_port
+
 from meme_scale.config import load_config
 from meme_scale.models import build_model, modality_specs
 from meme_scale.speed import apply_speed_options
@@ -27,11 +27,14 @@ from bench_step import SHAPES, synthetic_batch  # noqa: E402
 
 FP32_TOL, GRAD_TOL, BF16_TOL = 1e-5, 1e-3, 1e-2
 SHIPPED_SHAPES = {  # every training config and the meta.json shapes of its dataset
-    "quickstart.yaml": {"mnist": {"kind": "image", "shape": [1, 28, 28]}, "digits": {"kind": "image", "shape": [1, 8, 8]}},
+    "quickstart.yaml": {
+        "mnist": {"kind": "image", "shape": [1, 28, 28]},
+        "digits": {"kind": "image", "shape": [1, 8, 8]},
+    },
     "mnist_svhn.yaml": SHAPES["mnist_svhn"][1],
     "cub.yaml": SHAPES["cub"][1],
     "custom.yaml": {"pic": {"kind": "image", "shape": [3, 32, 32]}, "vec": {"kind": "vector", "shape": [16]}},
-}  # fmt: skip
+}
 
 
 def _model_and_batch(shape: str, *overrides: str, n: int = 16):
@@ -59,7 +62,9 @@ def test_channels_last_changes_neither_loss_nor_gradients(shape):
     seen = []  # registered after the option's own hooks: sees what each conv really gets
     convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     for conv in convs:
-        conv.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        conv.register_forward_pre_hook(
+            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
     loss = _loss(model, batch)
     assert convs and len(seen) >= len(convs) and all(seen)  # every conv ran on an NHWC input
     assert loss.item() == pytest.approx(reference.item(), rel=FP32_TOL)
@@ -88,8 +93,9 @@ def test_bf16_loss_agrees_within_its_tolerance(shape):
 
 
 def _step_every_config(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")  # fmt: skip
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu"
+    )
     from meme_scale.config import deepspeed_config
     from meme_scale.engine import adam, build_engine, init_distributed
     from meme_scale.evaluate import to_device
@@ -134,9 +140,14 @@ def test_matrix_product_layers_equal_the_convolutions_they_replace(net):
     from meme_scale.models.networks import Conv2d, ConvTranspose2d
 
     torch.manual_seed(0)
-    cases = [(Conv2d(8, 16, (4, 16)), torch.nn.Conv2d, (5, 8, 4, 16)),
-             (ConvTranspose2d(6, 12, (4, 4)), torch.nn.ConvTranspose2d, (5, 6, 1, 1))] if net == "svhn_conv" else \
-            [(ConvTranspose2d(6, 12, (1, 1), bias=False), torch.nn.ConvTranspose2d, (5, 6, 1, 1))]  # fmt: skip
+    cases = (
+        [
+            (Conv2d(8, 16, (4, 16)), torch.nn.Conv2d, (5, 8, 4, 16)),
+            (ConvTranspose2d(6, 12, (4, 4)), torch.nn.ConvTranspose2d, (5, 6, 1, 1)),
+        ]
+        if net == "svhn_conv"
+        else [(ConvTranspose2d(6, 12, (1, 1), bias=False), torch.nn.ConvTranspose2d, (5, 6, 1, 1))]
+    )
     for fast, base, shape in cases:
         ref = base(fast.in_channels, fast.out_channels, fast.kernel_size, bias=fast.bias is not None)
         ref.load_state_dict(fast.state_dict())

@@ -1,4 +1,5 @@
 """Caption tokenizer: round trip, fixed length with eos and pad, truncation, unseen characters, files."""
+
 from __future__ import annotations
 
 import pickle
@@ -33,7 +34,7 @@ def test_round_trip_equals_normalised_caption(tk: tok.Tokenizer, text: str) -> N
     assert ids.dtype == np.int64 and ids.shape == (tok.LENGTH,)
     assert tk.decode(ids) == tok.normalise(text)
     n = len(tk.pieces(text))
-    assert ids[n] == tk.eos_id and (ids[n + 1:] == tk.pad_id).all() and (ids[:n] > tk.eos_id).all()
+    assert ids[n] == tk.eos_id and (ids[n + 1 :] == tk.pad_id).all() and (ids[:n] > tk.eos_id).all()
 
 
 def test_normalise() -> None:
@@ -65,7 +66,7 @@ def test_truncation_never_splits_a_character_spelled_in_bytes(tk: tok.Tokenizer)
 def test_decode_stops_at_eos_and_skips_pad(tk: tok.Tokenizer) -> None:
     ids = tk.encode("a red bird")
     noisy = ids.copy()
-    noisy[len(tk.pieces("a red bird")) + 1:] = 7  # generated ids after eos are ignored
+    noisy[len(tk.pieces("a red bird")) + 1 :] = 7  # generated ids after eos are ignored
     assert tk.decode(noisy) == "a red bird"
     assert tk.decode([0, 0, *tk.pieces("a red bird"), 0]) == "a red bird"
     assert tk.decode_batch(np.stack([ids, ids])) == ["a red bird"] * 2
@@ -99,7 +100,10 @@ def test_too_small_vocab_size_names_the_option_and_its_minimum() -> None:
     # sentencepiece dies with a bare RuntimeError, which make_shards.py would print as a traceback
     need = tok.min_vocab_size(tok.normalise(c) for c in CAPTIONS)
     assert need == 259 + len(set("".join(tok.normalise(c) for c in CAPTIONS)))
-    with pytest.raises(ValueError, match=rf"--vocab-size \(meta.json vocab_size\) {need - 1} is too small.* "
-                                         rf"at least {need} "):
+    with pytest.raises(
+        ValueError,
+        match=rf"--vocab-size \(meta.json vocab_size\) {need - 1} is too small.* "
+        rf"at least {need} ",
+    ):
         tok.train(CAPTIONS, vocab_size=need - 1)
     assert tok.train(CAPTIONS, vocab_size=need).vocab_size <= need  # the minimum itself is accepted

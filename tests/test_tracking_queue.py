@@ -69,7 +69,10 @@ def test_records_replay_in_order_across_sessions(offline, tmp_path):
     assert run.data.tags["phase"] == "c" and run.data.tags["model"] == "meme" and run.data.params["lr"] == "0.1"
     assert _history(client, run_id, "loss") == [(s, 100.0 - s) for s in range(1, 61)]
     assert [s for s, _ in _history(client, run_id, "kl_given_x")] == list(range(1, 51))
-    assert Path(client.download_artifacts(run_id, "pictures/grid.png", str(tmp_path))).read_bytes() == b"picture at step 50"
+    assert (
+        Path(client.download_artifacts(run_id, "pictures/grid.png", str(tmp_path))).read_bytes()
+        == b"picture at step 50"
+    )
     assert result["rejected"] == 0
     assert sync_queue(run_dir, store)["delivered"] == 0  # delivered once
     (run_dir / "tracking_queue" / "state.json").unlink()  # as if killed after the calls, before saving the offset
@@ -94,8 +97,9 @@ while True:
 def test_a_queue_written_by_a_killed_process_replays(offline, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with subprocess.Popen([sys.executable, "-c", CHILD, offline, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                          env=env) as child:  # fmt: skip
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD, offline, str(run_dir)], stdout=subprocess.PIPE, text=True, env=env
+    ) as child:
         ref = child.stdout.readline().strip()
         for line in child.stdout:
             if int(line) >= 300:
@@ -117,5 +121,5 @@ def test_a_queue_written_by_a_killed_process_replays(offline, tmp_path):
     steps = [s for s, _ in _history(client, run_id, "loss")]
     before_kill = [s for s in steps if s < 10_001]
     assert len(before_kill) >= 300 and before_kill == list(range(1, len(before_kill) + 1))  # every step, no gap
-    assert steps[len(before_kill):] == list(range(10_001, 10_006))
+    assert steps[len(before_kill) :] == list(range(10_001, 10_006))
     assert client.get_run(run_id).info.status == "FINISHED"

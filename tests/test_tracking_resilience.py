@@ -31,12 +31,29 @@ class Server:
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> Server:
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-               f"sqlite:///{self.root / 'srv.db'}", "--artifacts-destination", str(self.root / "art"),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        cmd = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'srv.db'}",
+            "--artifacts-destination",
+            str(self.root / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         cwd=self.root, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.root,
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            )
         return self
 
     def wait_healthy(self, timeout: float = 90) -> Server:
@@ -84,8 +101,9 @@ def new_server(servers):
 
 
 def _train(shards: Path, run_dir: Path, uri: str, *overrides: str) -> subprocess.Popen:
-    args = train_args(shards, run_dir, f"run.tracking_uri={uri}", "run.log_every=1", "run.checkpoint_every=1000",
-                      *overrides)  # fmt: skip
+    args = train_args(
+        shards, run_dir, f"run.tracking_uri={uri}", "run.log_every=1", "run.checkpoint_every=1000", *overrides
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     return start_ranks(args, nproc=1, log_dir=run_dir)[0]
 
@@ -154,12 +172,21 @@ def test_server_gone_for_good_then_sync_delivers_to_a_new_server(quickstart_shar
 
     new_server.wait_healthy()
     cli = [sys.executable, "-m", "meme_scale.cli", "sync", str(run_dir), "--tracking-uri", new_server.uri]
-    done = subprocess.run(cli, check=False, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        cli,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(new_server.uri)
-    copies = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                f"tags.`meme_scale.copied_from` LIKE '%{info['mlflow_run_id']}'")  # fmt: skip
+    copies = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`meme_scale.copied_from` LIKE '%{info['mlflow_run_id']}'",
+    )
     assert len(copies) == 1
     copy = copies[0]
     assert copy.info.status == "FINISHED" and copy.data.params["train.max_steps"] == "40"

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, launch, run_group, summary, train_args
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, launch, run_group, summary, train_args
+from meme_scale.checkpoint import complete_tags, export
 from meme_scale.config import load_config
 from meme_scale.hardware import available_cores
-from meme_scale.checkpoint import complete_tags, export
 from meme_scale.tracking import default_tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -26,15 +26,17 @@ def _weights(run_dir):
 @pytest.mark.parametrize("zero_stage", [1, 2])  # bf16 at stage 1 is DeepSpeed's BF16_Optimizer, at 2 its ZeRO optimizer
 def test_deepspeed_zero_bf16_ranks_stay_in_sync_and_resume(quickstart_shards, tmp_path, zero_stage):
     run_dir = tmp_path / "run"
-    args = train_args(quickstart_shards, run_dir, f"train.zero_stage={zero_stage}", "train.precision=bf16",
-                      "train.max_steps=6")  # fmt: skip
+    args = train_args(
+        quickstart_shards, run_dir, f"train.zero_stage={zero_stage}", "train.precision=bf16", "train.max_steps=6"
+    )
     launch("deepspeed", args)
     first = summary(run_dir)
     digests = first["parameter_digest_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]
     ckpt = run_dir / "checkpoints" / "step_00000006"
     assert {"mp_rank_00_model_states.pt", "meme_scale.json", "rank_00000.pt", "rank_00001.pt"} <= {
-        p.name for p in ckpt.iterdir()}
+        p.name for p in ckpt.iterdir()
+    }
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
 
     launch("deepspeed", args[:-1] + ["train.max_steps=9", "--resume", "auto"])
@@ -51,8 +53,11 @@ def test_run_records_the_precision_and_threads_it_chose(quickstart_shards, tmp_p
     """2 ranks on this machine's cores, no OMP_NUM_THREADS, precision auto: each rank takes its share of the
     cores, and the run says what it chose and why in summary.json and its MLflow params."""
     run_dir = tmp_path / "run"
-    launch("deepspeed", train_args(quickstart_shards, run_dir, "train.precision=auto", "train.max_steps=2"),
-           env={"OMP_NUM_THREADS": ""})  # fmt: skip
+    launch(
+        "deepspeed",
+        train_args(quickstart_shards, run_dir, "train.precision=auto", "train.max_steps=2"),
+        env={"OMP_NUM_THREADS": ""},
+    )
     s = summary(run_dir)
     assert s["hardware"]["threads"] == max(1, available_cores() // 2)
     assert "shared by 2 rank(s)" in s["hardware"]["threads_reason"]
@@ -82,8 +87,11 @@ def test_stop_and_resume_equals_uninterrupted(quickstart_shards, tmp_path):
 
 def test_plain_python_trains_and_mlflow_holds_the_run(quickstart_shards, tmp_path):
     run_dir = tmp_path / "run"
-    launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=40", "run.eval_every=20",
-                                "train.micro_batch_size=64"), nproc=1)  # fmt: skip
+    launch(
+        "python",
+        train_args(quickstart_shards, run_dir, "train.max_steps=40", "run.eval_every=20", "train.micro_batch_size=64"),
+        nproc=1,
+    )
     info = summary(run_dir)
     client = MlflowClient(info["tracking_uri"])
     run = client.get_run(info["mlflow_run_id"])
@@ -91,8 +99,15 @@ def test_plain_python_trains_and_mlflow_holds_the_run(quickstart_shards, tmp_pat
     assert run.data.params["train.max_steps"] == "40" and run.data.params["model.name"] == "meme"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) == 20 and losses[-1] < 0.9 * losses[0]  # the loss falls
-    assert {"samples_per_s", "data_wait_share", "lr", "eval/loss", "grad_norm", "log_p_mnist",
-            "kl_mnist_given_digits"} <= set(run.data.metrics)  # fp32 without ZeRO: DeepSpeed has no grad norm
+    assert {
+        "samples_per_s",
+        "data_wait_share",
+        "lr",
+        "eval/loss",
+        "grad_norm",
+        "log_p_mnist",
+        "kl_mnist_given_digits",
+    } <= set(run.data.metrics)  # fp32 without ZeRO: DeepSpeed has no grad norm
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "grad_norm"))
     pictures = [f.path for f in client.list_artifacts(run.info.run_id, "pictures") if "step_" in f.path]
     assert pictures == ["pictures/step_00000020.png", "pictures/step_00000040.png"]
@@ -110,8 +125,17 @@ def test_accelerate_launch_runs_two_ranks(quickstart_shards, tmp_path):
 
 def test_observation_ratio_reaches_the_loss(quickstart_shards, tmp_path):
     run_dir = tmp_path / "run"
-    launch("torchrun", train_args(quickstart_shards, run_dir, "train.max_steps=20", "data.observed_fraction=0.125",
-                                  "data.missing=t", "train.micro_batch_size=64"))  # fmt: skip
+    launch(
+        "torchrun",
+        train_args(
+            quickstart_shards,
+            run_dir,
+            "train.max_steps=20",
+            "data.observed_fraction=0.125",
+            "data.missing=t",
+            "train.micro_batch_size=64",
+        ),
+    )
     metrics = summary(run_dir)["final"]
     assert abs(metrics["paired_fraction"] - 0.125) < 0.05
     assert "J_mnist" in metrics and "J_digits" not in metrics  # missing=t: only s-only unpaired samples
@@ -140,9 +164,20 @@ def test_refuses_to_overwrite_a_run_without_resume(quickstart_shards, tmp_path):
 def test_non_finite_losses_are_skipped_then_stop_the_run(quickstart_shards, tmp_path):
     """A diverging run (lr 1e30): NaN steps are skipped and counted; after 3 in a row the run stops."""
     run_dir = tmp_path / "run"
-    proc = launch("python", train_args(quickstart_shards, run_dir, "train.max_steps=50", "optim.lr=1e30",
-                                       "run.checkpoint_every=1", "train.max_consecutive_nan=3", "run.log_every=1"),
-                  nproc=1, check=False)  # fmt: skip
+    proc = launch(
+        "python",
+        train_args(
+            quickstart_shards,
+            run_dir,
+            "train.max_steps=50",
+            "optim.lr=1e30",
+            "run.checkpoint_every=1",
+            "train.max_consecutive_nan=3",
+            "run.log_every=1",
+        ),
+        nproc=1,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses" in proc.stderr and proc.stderr.count("non-finite loss at step") == 3
     tags = complete_tags(run_dir / "checkpoints")
@@ -160,16 +195,19 @@ def test_resume_keeps_the_saved_learning_rate_unless_told_otherwise(quickstart_s
     """DeepSpeed restores the optimizer's lr with its moments; ``optim_from_config`` (Tune's PBT) overrides it."""
     base = tmp_path / "base"
     launch("python", train_args(quickstart_shards, base, "train.max_steps=2"), nproc=1)
-    script = ("import sys; from meme_scale.config import load_config; from meme_scale.loop import run; "
-              "run(load_config('configs/quickstart.yaml', sys.argv[2:]), resume='auto', "
-              "optim_from_config=sys.argv[1] == 'yes')")  # fmt: skip
+    script = (
+        "import sys; from meme_scale.config import load_config; from meme_scale.loop import run; "
+        "run(load_config('configs/quickstart.yaml', sys.argv[2:]), resume='auto', "
+        "optim_from_config=sys.argv[1] == 'yes')"
+    )
     lrs = {}
     for flag in ("yes", "no"):
         run_dir = tmp_path / flag
         shutil.copytree(base, run_dir)
         args = train_args(quickstart_shards, run_dir, "train.max_steps=4", "optim.lr=0.0125")[2:]
-        proc = run_group([sys.executable, "-c", script, flag, *args], 300, cwd=ROOT,
-                         env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+        proc = run_group(
+            [sys.executable, "-c", script, flag, *args], 300, cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         info = summary(run_dir)
         lrs[flag] = MlflowClient(info["tracking_uri"]).get_metric_history(info["mlflow_run_id"], "lr")[-1].value

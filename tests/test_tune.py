@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BIN, ROOT
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, ROOT
 from meme_scale.config import Config, load_config
 from meme_scale.tune import SweepError, load_sweep, main, run_sweep, validate
 from meme_scale.tune.record import TrialRecord
@@ -28,8 +28,14 @@ from meme_scale.tune.trial import restore_checkpoint
 
 pytestmark = pytest.mark.slow
 
-TINY = {"train.max_steps": 6, "train.micro_batch_size": 16, "run.eval_every": 2, "run.eval_max_batches": 1,
-        "run.log_every": 2, "data.num_workers": 0}  # fmt: skip
+TINY = {
+    "train.max_steps": 6,
+    "train.micro_batch_size": 16,
+    "run.eval_every": 2,
+    "run.eval_max_batches": 1,
+    "run.log_every": 2,
+    "data.num_workers": 0,
+}
 if hasattr(Config(), "eval"):  # keep the evaluation's probes small where the evaluation has them
     TINY.update({"eval.latent_train_samples": 64, "eval.latent_epochs": 1, "eval.joint_samples": 16})
 
@@ -47,8 +53,13 @@ def ray_address():
 
 
 def write_sweep(path: Path, data: Path, **keys) -> Path:
-    sweep = {"name": path.stem, "base": str(ROOT / "configs" / "quickstart.yaml"), "storage": str(path.parent / "store"),
-             "overrides": {"data.root": str(data), **TINY, **keys.pop("overrides", {})}, **keys}  # fmt: skip
+    sweep = {
+        "name": path.stem,
+        "base": str(ROOT / "configs" / "quickstart.yaml"),
+        "storage": str(path.parent / "store"),
+        "overrides": {"data.root": str(data), **TINY, **keys.pop("overrides", {})},
+        **keys,
+    }
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
 
@@ -63,9 +74,14 @@ def child_runs(uri: str, parent_run_id: str) -> list:
 @pytest.fixture(scope="module")
 def asha_sweep(ray_address, quickstart_shards, tmp_path_factory):
     """4 trials (lr x pseudo-samples), 2 at a time; the tiny lr cannot keep up, so ASHA stops such trials."""
-    path = write_sweep(tmp_path_factory.mktemp("asha") / "asha.yaml", quickstart_shards,
-                       search_space={"optim.lr": {"grid": [0.003, 0.00001]}, "model.pseudo_samples": [16, 64]},
-                       metric="eval/loss", mode="min", scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2})  # fmt: skip
+    path = write_sweep(
+        tmp_path_factory.mktemp("asha") / "asha.yaml",
+        quickstart_shards,
+        search_space={"optim.lr": {"grid": [0.003, 0.00001]}, "model.pseudo_samples": [16, 64]},
+        metric="eval/loss",
+        mode="min",
+        scheduler={"name": "asha", "grace_period": 2, "reduction_factor": 2},
+    )
     sweep = load_sweep(path)
     t0 = time.perf_counter()
     summary = run_sweep(sweep)
@@ -108,8 +124,12 @@ def test_asha_sweep_stops_early_and_every_trial_is_an_mlflow_child_run(asha_swee
             assert "model" in artifacts
 
     summary_files = {a.path for a in client.list_artifacts(summary["parent_run_id"], "summary")}
-    assert {"summary/results.md", "summary/results.json", "summary/metric_vs_pseudo_samples.png",
-            "summary/best_config.yaml"} <= summary_files  # fmt: skip
+    assert {
+        "summary/results.md",
+        "summary/results.json",
+        "summary/metric_vs_pseudo_samples.png",
+        "summary/best_config.yaml",
+    } <= summary_files
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = Path(summary["results_md"]).read_text()
     assert table.index(rows[0]["trial_id"]) < table.index(rows[-1]["trial_id"]) and "stopped early" in table
@@ -120,15 +140,32 @@ def test_best_config_loads_and_trains(asha_sweep, tmp_path):
     best = summary["best"]
     assert best["trial_id"] == summary["rows"][0]["trial_id"] and best["status"] == "completed"
     cfg = load_config(summary["best_config"])
-    assert cfg.optim.lr == best["config"]["optim.lr"] and cfg.model.pseudo_samples == best["config"]["model.pseudo_samples"]
+    assert (
+        cfg.optim.lr == best["config"]["optim.lr"]
+        and cfg.model.pseudo_samples == best["config"]["model.pseudo_samples"]
+    )
     assert cfg.train.max_steps == 6 and Path(cfg.data.root).is_absolute()
     run_dir = tmp_path / "best"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "meme_scale" / "train.py"), "--config", summary["best_config"],
-                           "train.max_steps=2", f"run.dir={run_dir}", "run.tracking_uri=", "run.eval_every=2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "meme_scale" / "train.py"),
+            "--config",
+            summary["best_config"],
+            "train.max_steps=2",
+            f"run.dir={run_dir}",
+            "run.tracking_uri=",
+            "run.eval_every=2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 2
 
@@ -145,16 +182,29 @@ def test_failing_trial_is_reported_and_resume_does_not_rerun_finished_trials(ray
     The sweep goes on past C; SIGINT (Ctrl+C) stops it while B trains; ``--resume`` finishes B from its
     checkpoint and runs neither A (finished) nor C (failed) again.
     """
-    path = write_sweep(tmp_path / "fail_resume.yaml", quickstart_shards, max_failures=1, max_concurrent_trials=2,
-                       search_space={"model.modalities.0.net": {"grid": ["mnist_mlp", "no_such_net", "mnist_mlp"]}},
-                       metric="eval/loss", mode="min", scheduler={"name": "fifo"},
-                       overrides={"train.max_steps": 20})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "fail_resume.yaml",
+        quickstart_shards,
+        max_failures=1,
+        max_concurrent_trials=2,
+        search_space={"model.modalities.0.net": {"grid": ["mnist_mlp", "no_such_net", "mnist_mlp"]}},
+        metric="eval/loss",
+        mode="min",
+        scheduler={"name": "fifo"},
+        overrides={"train.max_steps": 20},
+    )
     sweep = load_sweep(path)
-    env = {**os.environ, "RAY_ADDRESS": ray_address, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu",
-           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_address,
+        "RAY_AUTH_MODE": "disabled",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
     log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(_cli(["tune", "--config", str(path)], ray_address), cwd=tmp_path, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)  # fmt: skip
+    driver = subprocess.Popen(
+        _cli(["tune", "--config", str(path)], ray_address), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
     def trial(suffix: str) -> Path | None:
         found = list(sweep.runs_dir.glob(f"*_{suffix}")) if sweep.runs_dir.is_dir() else []
@@ -179,8 +229,14 @@ def test_failing_trial_is_reported_and_resume_does_not_rerun_finished_trials(ray
     status = {r["trial_id"][-5:]: r["status"] for r in first["trials"]}
     assert status == {"00000": "completed", "00001": "failed", "00002": "interrupted"}, status
 
-    resumed = subprocess.run(_cli(["tune", "--config", str(path), "--resume"], ray_address), cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        _cli(["tune", "--config", str(path), "--resume"], ray_address),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-5000:]
     final = {r["trial_id"][-5:]: r for r in json.loads((sweep.exp_dir / "results.json").read_text())["trials"]}
     assert {k: r["status"] for k, r in final.items()} == {"00000": "completed", "00001": "failed", "00002": "completed"}
@@ -211,9 +267,16 @@ def test_failing_trial_is_reported_and_resume_does_not_rerun_finished_trials(ray
 
 # -- a multi-rank trial: Ray Train's TorchTrainer, one training process per rank ----------------------
 def test_two_rank_trial_runs_through_ray_train(ray_address, quickstart_shards, tmp_path):
-    path = write_sweep(tmp_path / "ranks.yaml", quickstart_shards, search_space={"optim.lr": [0.001]},
-                       metric="eval/loss", mode="min", scheduler={"name": "fifo"},
-                       resources={"cpus_per_trial": 1, "ranks_per_trial": 2}, overrides={"train.max_steps": 4})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "ranks.yaml",
+        quickstart_shards,
+        search_space={"optim.lr": [0.001]},
+        metric="eval/loss",
+        mode="min",
+        scheduler={"name": "fifo"},
+        resources={"cpus_per_trial": 1, "ranks_per_trial": 2},
+        overrides={"train.max_steps": 4},
+    )
     sweep = load_sweep(path)
     summary = run_sweep(sweep)
     (row,) = summary["rows"]
@@ -230,19 +293,22 @@ def test_two_rank_trial_runs_through_ray_train(ray_address, quickstart_shards, t
 
 
 # -- bad input, before any trial ---------------------------------------------------------------------
-@pytest.mark.parametrize("keys, message", [
-    ({"search_space": {"model.pseudo_sample": [16, 32]}}, "'model.pseudo_sample'"),
-    ({"search_space": {"model.pseudo_samples": [16, "many"]}}, "'model.pseudo_samples'"),
-    ({"search_space": {"optim.lr": {"loguniform": [0.0, 1.0]}}}, "'optim.lr'"),
-    ({"search_space": {"optim.lr": {"between": [1, 2]}}}, "'optim.lr'"),
-    ({"search_space": {"run.dir": ["/tmp/x"]}}, "'run.dir'"),
-    ({"metric": "eval/coherence_made_up"}, "'eval/coherence_made_up'"),
-    ({"metric": "eval/loss", "mode": "best"}, "'mode'"),
-    ({"metric": "eval/loss", "scheduler": {"name": "hyperband"}}, "'scheduler.name'"),
-    ({"metric": "eval/loss", "scheduler": {"name": "asha", "patience": 3}}, "'scheduler.patience'"),
-    ({"metric": "eval/loss", "trials": 4}, "'trials'"),
-    ({"metric": "eval/loss", "scheduler": {"name": "pbt"}}, "'scheduler.hyperparam_mutations'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"search_space": {"model.pseudo_sample": [16, 32]}}, "'model.pseudo_sample'"),
+        ({"search_space": {"model.pseudo_samples": [16, "many"]}}, "'model.pseudo_samples'"),
+        ({"search_space": {"optim.lr": {"loguniform": [0.0, 1.0]}}}, "'optim.lr'"),
+        ({"search_space": {"optim.lr": {"between": [1, 2]}}}, "'optim.lr'"),
+        ({"search_space": {"run.dir": ["/tmp/x"]}}, "'run.dir'"),
+        ({"metric": "eval/coherence_made_up"}, "'eval/coherence_made_up'"),
+        ({"metric": "eval/loss", "mode": "best"}, "'mode'"),
+        ({"metric": "eval/loss", "scheduler": {"name": "hyperband"}}, "'scheduler.name'"),
+        ({"metric": "eval/loss", "scheduler": {"name": "asha", "patience": 3}}, "'scheduler.patience'"),
+        ({"metric": "eval/loss", "trials": 4}, "'trials'"),
+        ({"metric": "eval/loss", "scheduler": {"name": "pbt"}}, "'scheduler.hyperparam_mutations'"),
+    ],
+)
 def test_bad_input_is_rejected_before_any_trial_naming_the_key(keys, message, quickstart_shards, tmp_path, capsys):
     keys = {"search_space": {"model.pseudo_samples": [16, 32]}, **keys}
     path = write_sweep(tmp_path / "bad.yaml", quickstart_shards, **keys)
@@ -273,9 +339,11 @@ def test_default_metric_is_cross_coherence_and_needs_classifiers(quickstart_shar
 
 def test_sweep_file_reads_floats_without_a_dot_and_infers_the_mode(quickstart_shards, tmp_path):
     path = tmp_path / "floats.yaml"
-    path.write_text(f"base: {ROOT / 'configs' / 'quickstart.yaml'}\nmetric: eval/loss\nstorage: {tmp_path / 'store'}\n"
-                    f"overrides: {{data.root: {quickstart_shards}}}\n"
-                    "search_space:\n  optim.lr: {loguniform: [1e-4, 2e-3]}\n  model.pseudo_samples: 32\n")  # fmt: skip
+    path.write_text(
+        f"base: {ROOT / 'configs' / 'quickstart.yaml'}\nmetric: eval/loss\nstorage: {tmp_path / 'store'}\n"
+        f"overrides: {{data.root: {quickstart_shards}}}\n"
+        "search_space:\n  optim.lr: {loguniform: [1e-4, 2e-3]}\n  model.pseudo_samples: 32\n"
+    )
     sweep = load_sweep(path, ["optim.weight_decay=1e-6"])
     assert sweep.name == "floats" and sweep.mode == "min"  # a loss is minimised unless the file says otherwise
     assert sweep.search_space == {"optim.lr": {"loguniform": [1e-4, 2e-3]}, "model.pseudo_samples": {"value": 32}}
@@ -298,12 +366,22 @@ def test_shipped_sweeps_cover_the_paper_grid():
 
 # -- a real PBT sweep: the weak trial takes the strong one's checkpoint and a new learning rate -------
 def test_pbt_exploits_the_better_trial_and_its_new_learning_rate_is_used(ray_address, quickstart_shards, tmp_path):
-    path = write_sweep(tmp_path / "pbt.yaml", quickstart_shards, search_space={"optim.lr": [0.003, 0.000001]},
-                       metric="eval/loss", mode="min", max_concurrent_trials=2,
-                       scheduler={"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
-                                  "resample_probability": 1.0,
-                                  "hyperparam_mutations": {"optim.lr": {"loguniform": [0.001, 0.002]}}},
-                       overrides={"train.max_steps": 8})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "pbt.yaml",
+        quickstart_shards,
+        search_space={"optim.lr": [0.003, 0.000001]},
+        metric="eval/loss",
+        mode="min",
+        max_concurrent_trials=2,
+        scheduler={
+            "name": "pbt",
+            "perturbation_interval": 2,
+            "quantile_fraction": 0.5,
+            "resample_probability": 1.0,
+            "hyperparam_mutations": {"optim.lr": {"loguniform": [0.001, 0.002]}},
+        },
+        overrides={"train.max_steps": 8},
+    )
     sweep = load_sweep(path)
     summary = run_sweep(sweep)
     rows = {r["trial_id"]: r for r in summary["rows"]}
@@ -329,8 +407,11 @@ def test_exploit_copies_the_donor_checkpoint_and_keeps_the_trials_run(tmp_path):
     donor = tmp_path / "ray" / "checkpoint_000003"
     donor.mkdir(parents=True)
     (donor / "mp_rank_00_model_states.pt").write_bytes(b"weights of A")
-    (donor / "meme_scale.json").write_text(json.dumps({"tag": "step_00000006", "step": 6, "run_id": "run-of-A",
-                                                       "config": {"run.dir": str(tmp_path / "a")}}))  # fmt: skip
+    (donor / "meme_scale.json").write_text(
+        json.dumps(
+            {"tag": "step_00000006", "step": 6, "run_id": "run-of-A", "config": {"run.dir": str(tmp_path / "a")}}
+        )
+    )
     own = tmp_path / "b" / "checkpoints" / "step_00000008"
     own.mkdir(parents=True)
     (own / "meme_scale.json").write_text(json.dumps({"tag": "step_00000008"}))

@@ -1,7 +1,8 @@
 """All of meme_scale's performance measurements in one place (docs/benchmarks.md); prints JSON.
 
-    python tools/bench.py [--sections step,flops,fraction,data,scaling,objective] [--shapes quickstart,mnist_svhn,cub]
-                          [--batch 128] [--repeats 5] [--steps 3] [--out bench.json] [--markdown bench.md] [key=value ...]
+    python tools/bench.py [--sections step,flops,fraction,data,scaling,objective]
+                          [--shapes quickstart,mnist_svhn,cub] [--batch 128] [--repeats 5] [--steps 3]
+                          [--out bench.json] [--markdown bench.md] [key=value ...]
 
 hardware  what the numbers hold for: CPU model, torch's CPU capability, AVX-512 BF16 / AMX, cores, the
          bf16-vs-fp32 matmul probe and what ``train.precision: auto`` resolves to here, and any of
@@ -52,8 +53,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_step import (PATHS, SHAPES, bench_objective, bench_observed_fraction, bench_steps, cpu_probe,  # noqa: E402
-                        matmul_peaks, resolved_precision, synthetic_batch)  # fmt: skip
+from bench_step import (  # noqa: E402
+    PATHS,
+    SHAPES,
+    bench_objective,
+    bench_observed_fraction,
+    bench_steps,
+    cpu_probe,  # noqa: E402
+    matmul_peaks,
+    resolved_precision,
+    synthetic_batch,
+)
 
 from meme_scale.config import deepspeed_config, load_config  # noqa: E402
 from meme_scale.engine import free_port  # noqa: E402
@@ -75,9 +85,15 @@ def cpu_model() -> str:
 
 def hardware() -> dict:
     auto = resolved_precision(load_config(None, ["train.precision=auto"]))
-    return {"cpu": cpu_model(), "cpus": os.cpu_count(), **cpu_capabilities(), "threads": torch.get_num_threads(),
-            "bf16_probe": cpu_probe(), "auto_precision": auto,
-            "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ}}  # fmt: skip
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        **cpu_capabilities(),
+        "threads": torch.get_num_threads(),
+        "bf16_probe": cpu_probe(),
+        "auto_precision": auto,
+        "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
+    }
 
 
 # -- data and scaling ---------------------------------------------------------------------------
@@ -90,8 +106,10 @@ def synthetic_shards(shape: str, out: Path, n_train: int = 4096, n_test: int = 2
 
     def samples(n):
         for _ in range(n):
-            yield {**{m: rng.integers(0, 256, spec["shape"], dtype=np.uint8) for m, spec in meta.items()},
-                   "label": int(rng.integers(10))}  # fmt: skip
+            yield {
+                **{m: rng.integers(0, 256, spec["shape"], dtype=np.uint8) for m, spec in meta.items()},
+                "label": int(rng.integers(10)),
+            }
 
     with ShardWriter(str(out), "synthetic", meta, [str(i) for i in range(10)], samples_per_shard=512) as w:
         w.write_split("train", samples(n_train))
@@ -102,8 +120,18 @@ def synthetic_shards(shape: str, out: Path, n_train: int = 4096, n_test: int = 2
 def reader_rate(root: Path, modalities: list[str], workers: int, batch_size: int, batches: int = 40) -> float:
     from meme_scale.data.shards import TrainStream
 
-    stream = TrainStream(str(root), "train", batch_size, modalities=modalities, rank=0, world_size=1, seed=0,
-                         observed_fraction=0.5, missing="either", num_workers=workers)  # fmt: skip
+    stream = TrainStream(
+        str(root),
+        "train",
+        batch_size,
+        modalities=modalities,
+        rank=0,
+        world_size=1,
+        seed=0,
+        observed_fraction=0.5,
+        missing="either",
+        num_workers=workers,
+    )
     it = iter(stream)
     next(it)  # worker start-up is not throughput
     t0 = time.perf_counter()
@@ -117,19 +145,45 @@ def run_training(shape: str, root: Path, ranks: int, steps: int, batch_size: int
     run chooses its threads (cores / ranks sharing them), as a user's run does."""
     run_dir = work / f"{shape}_ranks_{ranks}"
     script = str(ROOT / "meme_scale" / "train.py")
-    launcher = [sys.executable] if ranks == 1 else \
-        [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]  # fmt: skip
-    cmd = [*launcher, script, "--config", str(ROOT / SHAPES[shape][0]), f"data.root={root}", f"run.dir={run_dir}",
-           f"train.max_steps={steps}", f"train.micro_batch_size={batch_size // ranks}", f"run.log_every={steps // 2}",
-           "run.eval_every=100000", "run.eval_max_batches=1", "run.progress=none", "eval.latent_train_samples=128",
-           "eval.joint_samples=128", "data.num_workers=1", "model.pseudo_samples=32"]  # fmt: skip
+    launcher = (
+        [sys.executable]
+        if ranks == 1
+        else [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+        ]
+    )
+    cmd = [
+        *launcher,
+        script,
+        "--config",
+        str(ROOT / SHAPES[shape][0]),
+        f"data.root={root}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={steps}",
+        f"train.micro_batch_size={batch_size // ranks}",
+        f"run.log_every={steps // 2}",
+        "run.eval_every=100000",
+        "run.eval_max_batches=1",
+        "run.progress=none",
+        "eval.latent_train_samples=128",
+        "eval.joint_samples=128",
+        "data.num_workers=1",
+        "model.pseudo_samples=32",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"samples_per_s": summary["final"]["samples_per_s"], "threads": summary["hardware"]["threads"],
-            "precision": summary["hardware"]["precision"]}  # fmt: skip
+    return {
+        "samples_per_s": summary["final"]["samples_per_s"],
+        "threads": summary["hardware"]["threads"],
+        "precision": summary["hardware"]["precision"],
+    }
 
 
 def bench_scaling(shapes: list[str], steps: int, batch_size: int, work: Path) -> dict:
@@ -156,8 +210,9 @@ def allreduce_share(batch_size: int) -> dict:
 def _share_worker(rank: int, port: int, batch_size: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     from meme_scale.engine import all_gather_object, build_engine, init_distributed
     from meme_scale.evaluate import to_device
     from meme_scale.hardware import configure_threads
@@ -189,8 +244,16 @@ def _share_worker(rank: int, port: int, batch_size: int, out: str) -> None:
             reduce_t.append(t2 - t1)
     if rank == 0:
         step, reduce = statistics.median(step_t), statistics.median(reduce_t)
-        Path(out).write_text(json.dumps({"step_s": step, "allreduce_s": reduce, "gradient_elements": grads.numel(),
-                                         "allreduce_share": reduce / step}))  # fmt: skip
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "step_s": step,
+                    "allreduce_s": reduce,
+                    "gradient_elements": grads.numel(),
+                    "allreduce_share": reduce / step,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
@@ -202,30 +265,46 @@ def _cell(s: dict) -> str:
 def markdown(result: dict) -> str:
     h = result["hardware"]
     caps = ", ".join(f"{k}={v}" for k, v in h["isa_caps"].items()) or "none"
-    lines = [f"Machine: {h['cpu']}, {h['cpus']} CPUs ({h['cores_available']} available), torch {result['torch']} "
-             f"(CPU capability {h['cpu_capability']}, AVX-512 BF16 {h['avx512_bf16']}, AMX {h['amx']}; ISA caps: {caps}); "
-             f"{h['threads']} threads. bf16 probe: {h['bf16_probe']['bf16_gflops']:.1f} vs fp32 "
-             f"{h['bf16_probe']['fp32_gflops']:.1f} GFLOP/s ({h['bf16_probe']['bf16_speedup']:.2f}x): "
-             f"`train.precision: auto` resolves to **{h['auto_precision']}**.", ""]  # fmt: skip
+    lines = [
+        f"Machine: {h['cpu']}, {h['cpus']} CPUs ({h['cores_available']} available), torch {result['torch']} "
+        f"(CPU capability {h['cpu_capability']}, AVX-512 BF16 {h['avx512_bf16']}, AMX {h['amx']}; ISA caps: {caps}); "
+        f"{h['threads']} threads. bf16 probe: {h['bf16_probe']['bf16_gflops']:.1f} vs fp32 "
+        f"{h['bf16_probe']['fp32_gflops']:.1f} GFLOP/s ({h['bf16_probe']['bf16_speedup']:.2f}x): "
+        f"`train.precision: auto` resolves to **{h['auto_precision']}**.",
+        "",
+    ]
     if "step" in result:
-        lines += ["| shapes | batch | plain (samples/s) | DeepSpeed fp32 | shipped | DeepSpeed overhead | "
-                  "shipped / plain | shipped setting |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| shapes | batch | plain (samples/s) | DeepSpeed fp32 | shipped | DeepSpeed overhead | "
+            "shipped / plain | shipped setting |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for shape, r in result["step"].items():
             cells = " | ".join(_cell(r["samples_per_s"][p]) for p in PATHS)
             opts = ", ".join(f"{k}={v}" for k, v in r["shipped"].items())
-            lines.append(f"| {shape} | {r['batch']} | {cells} | {r['deepspeed_overhead']:.1%} | "
-                         f"**{r['shipped_over_plain']:.2f}x** | {opts} |")  # fmt: skip
+            lines.append(
+                f"| {shape} | {r['batch']} | {cells} | {r['deepspeed_overhead']:.1%} | "
+                f"**{r['shipped_over_plain']:.2f}x** | {opts} |"
+            )
     if "flops" in result:
         f = result["flops"]
-        lines += ["", f"Matmul peak: fp32 {f['matmul_fp32'] / 1e9:.0f} GFLOP/s, bf16 {f['matmul_bf16'] / 1e9:.0f} GFLOP/s.",
-                  "", "| shapes | MFLOP/sample | plain | shipped |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"Matmul peak: fp32 {f['matmul_fp32'] / 1e9:.0f} GFLOP/s, bf16 {f['matmul_bf16'] / 1e9:.0f} GFLOP/s.",
+            "",
+            "| shapes | MFLOP/sample | plain | shipped |",
+            "|---|---|---|---|",
+        ]
         for shape, r in f["shapes"].items():
             cells = " | ".join(f"{r[p]['fraction_of_peak']:.1%} of {r[p]['dtype']} peak" for p in ("plain", "shipped"))
             lines.append(f"| {shape} | {r['flops_per_sample'] / 1e6:.1f} | {cells} |")
     for shape, r in result.get("fraction", {}).items():
         rates = ", ".join(f"{k.replace('_', ' = ')}: {_cell(v)}" for k, v in r["samples_per_s"].items())
-        lines += ["", f"Observed fraction, {shape} (shipped step, {r['precision']}, samples/s): {rates}; "
-                      f"f = 0.25 runs **{r['f_0.25_over_f_1.0']:.2f}x** f = 1."]  # fmt: skip
+        lines += [
+            "",
+            f"Observed fraction, {shape} (shipped step, {r['precision']}, samples/s): {rates}; "
+            f"f = 0.25 runs **{r['f_0.25_over_f_1.0']:.2f}x** f = 1.",
+        ]
     for shape, d in result.get("data", {}).items():
         rates = ", ".join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in d["reader_samples_per_s"].items())
         ratio = f"; {d['reader_over_step']:.1f}x its fastest step" if d["reader_over_step"] else ""
@@ -234,18 +313,26 @@ def markdown(result: dict) -> str:
         s = result["scaling"]
         for shape, r in s.items():
             if isinstance(r, dict) and "two_ranks_over_one" in r:
-                lines += ["", f"Training runs, {shape}, global batch {s['global_batch']} ({r['ranks_1']['precision']}): "
-                              f"1 process {r['ranks_1']['samples_per_s']:.0f} samples/s ({r['ranks_1']['threads']} threads), "
-                              f"2 ranks {r['ranks_2']['samples_per_s']:.0f} ({r['ranks_2']['threads']} thread(s) each): "
-                              f"**{r['two_ranks_over_one']:.2f}x**."]  # fmt: skip
+                lines += [
+                    "",
+                    f"Training runs, {shape}, global batch {s['global_batch']} ({r['ranks_1']['precision']}): "
+                    f"1 process {r['ranks_1']['samples_per_s']:.0f} samples/s ({r['ranks_1']['threads']} threads), "
+                    f"2 ranks {r['ranks_2']['samples_per_s']:.0f} ({r['ranks_2']['threads']} thread(s) each): "
+                    f"**{r['two_ranks_over_one']:.2f}x**.",
+                ]
         lines += ["", f"Gradient all-reduce: {s['allreduce']['allreduce_share']:.1%} of a 2-rank MNIST-SVHN step."]
     if "objective" in result:
         o = result["objective"]
-        cells = ", ".join(f"K = {name[2:]}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
-                          for name, v in o["ms_per_sample"].items())  # fmt: skip
-        lines += ["", f"MEME.loss forward + backward (ms/sample, MNIST-SVHN, batch {o['batch']}, all paired): {cells}; "
-                      f"K-sample cross term {o['cross_term_share']:.1%} of it (per repeat "
-                      f"{o['cross_term_share_per_repeat']['min']:.1%} to {o['cross_term_share_per_repeat']['max']:.1%})."]  # fmt: skip
+        cells = ", ".join(
+            f"K = {name[2:]}: {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]"
+            for name, v in o["ms_per_sample"].items()
+        )
+        lines += [
+            "",
+            f"MEME.loss forward + backward (ms/sample, MNIST-SVHN, batch {o['batch']}, all paired): {cells}; "
+            f"K-sample cross term {o['cross_term_share']:.1%} of it (per repeat "
+            f"{o['cross_term_share_per_repeat']['min']:.1%} to {o['cross_term_share_per_repeat']['max']:.1%}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -268,15 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sections, shapes = args.sections.split(","), args.shapes.split(",")
     fraction_shapes, scaling_shapes = args.fraction_shapes.split(","), args.scaling_shapes.split(",")
-    unknown = [s for s in sections if s not in SECTIONS] + [s for s in shapes + fraction_shapes + scaling_shapes
-                                                            if s not in SHAPES]  # fmt: skip
+    unknown = [s for s in sections if s not in SECTIONS] + [
+        s for s in shapes + fraction_shapes + scaling_shapes if s not in SHAPES
+    ]
     if unknown:
         parser.error(f"unknown section or shape: {unknown}")
     from meme_scale.engine import init_distributed
 
     init_distributed()  # a one-rank gloo group, as a plain `python train.py` makes
-    result = {"benchmark": "meme_scale", "torch": torch.__version__, "hardware": hardware(),
-              "command": " ".join(["python", "tools/bench.py", *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip
+    result = {
+        "benchmark": "meme_scale",
+        "torch": torch.__version__,
+        "hardware": hardware(),
+        "command": " ".join(["python", "tools/bench.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
     print(f"hardware: {json.dumps(result['hardware'])}", file=sys.stderr, flush=True)
     if "step" in sections or "flops" in sections:
         result["step"] = {}
@@ -288,14 +380,22 @@ def main(argv: list[str] | None = None) -> int:
         result["flops"] = {"matmul_fp32": peak["fp32"], "matmul_bf16": peak["bf16"], "shapes": {}}
         for shape, r in result["step"].items():
             fps = r["flops_per_sample"]
-            result["flops"]["shapes"][shape] = {"flops_per_sample": fps, **{
-                p: {"dtype": r["precision"][p], "fraction_of_peak": fps * r["samples_per_s"][p]["median"] /
-                    peak[r["precision"][p]]} for p in PATHS}}  # fmt: skip
+            result["flops"]["shapes"][shape] = {
+                "flops_per_sample": fps,
+                **{
+                    p: {
+                        "dtype": r["precision"][p],
+                        "fraction_of_peak": fps * r["samples_per_s"][p]["median"] / peak[r["precision"][p]],
+                    }
+                    for p in PATHS
+                },
+            }
     if "fraction" in sections:
         result["fraction"] = {}
         for shape in fraction_shapes:
-            result["fraction"][shape] = bench_observed_fraction(shape, args.batch, args.repeats, args.steps,
-                                                                args.overrides)  # fmt: skip
+            result["fraction"][shape] = bench_observed_fraction(
+                shape, args.batch, args.repeats, args.steps, args.overrides
+            )
             print(f"fraction {shape}: {json.dumps(result['fraction'][shape])}", file=sys.stderr, flush=True)
     if "objective" in sections:
         result["objective"] = bench_objective(args.batch, args.repeats, args.steps)
@@ -309,8 +409,11 @@ def main(argv: list[str] | None = None) -> int:
                 readers = {f"workers_{w}": reader_rate(root, names, w, args.batch) for w in (0, 1, 2)}
                 steps = result.get("step", {}).get(shape, {}).get("samples_per_s", {})
                 fastest = max((v["median"] for v in steps.values()), default=None)
-                result["data"][shape] = {"reader_samples_per_s": readers, "fastest_step_samples_per_s": fastest,
-                                         "reader_over_step": max(readers.values()) / fastest if fastest else None}  # fmt: skip
+                result["data"][shape] = {
+                    "reader_samples_per_s": readers,
+                    "fastest_step_samples_per_s": fastest,
+                    "reader_over_step": max(readers.values()) / fastest if fastest else None,
+                }
         if "scaling" in sections:
             result["scaling"] = bench_scaling(scaling_shapes, args.train_steps, args.batch, work)
     text = json.dumps(result, indent=2)

@@ -21,6 +21,7 @@ standalone S3-API server (``moto[server]``, the dev extra), and read through the
 TrainStream with no cache (every shard fetched: cache cold); reported beside the local-disk rate
 as ``ratio_to_local`` per worker count (goal: >= 0.8).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,13 @@ def _convert_mnist_svhn(tmp: str, scale: float) -> tuple[str, float]:
 
 
 def _convert_cub(tmp: str, scale: float) -> tuple[str, float]:
-    fakeraw.cub_tree(os.path.join(tmp, "CUB"), n_train_classes=max(2, int(16 * scale)),
-                     n_test_classes=max(1, int(4 * scale)), images_per_class=10, image_size=(500, 375))
+    fakeraw.cub_tree(
+        os.path.join(tmp, "CUB"),
+        n_train_classes=max(2, int(16 * scale)),
+        n_test_classes=max(1, int(4 * scale)),
+        images_per_class=10,
+        image_size=(500, 375),
+    )
     out = os.path.join(tmp, "cub")
     t0 = time.perf_counter()
     cub.build(out, os.path.join(tmp, "CUB"), shard_size=250)
@@ -91,8 +97,19 @@ KINDS = {
 def read_rate(root: str, batch_size: int, samples: int, workers: int, storage: Storage | None = None) -> float:
     """Training samples per second through TrainStream (one rank) including worker start-up."""
     meta = read_meta(root, storage)
-    stream = TrainStream(root, "train", batch_size, modalities=list(meta["modalities"])[:2], rank=0, world_size=1,
-                         seed=0, observed_fraction=0.5, missing="either", num_workers=workers, storage=storage)
+    stream = TrainStream(
+        root,
+        "train",
+        batch_size,
+        modalities=list(meta["modalities"])[:2],
+        rank=0,
+        world_size=1,
+        seed=0,
+        observed_fraction=0.5,
+        missing="either",
+        num_workers=workers,
+        storage=storage,
+    )
     n_batches = max(1, samples // batch_size)
     t0 = time.perf_counter()
     got = 0
@@ -122,8 +139,9 @@ def _server(cmd: list[str], port: int):
 def _http_root(stack: ExitStack, folder: str) -> tuple[str, Storage, int]:
     port = free_port()
     parent, name = os.path.split(folder)
-    proc = stack.enter_context(_server([sys.executable, os.path.join(TOOLS, "serve_shards.py"), parent, str(port)],
-                                       port))  # fmt: skip
+    proc = stack.enter_context(
+        _server([sys.executable, os.path.join(TOOLS, "serve_shards.py"), parent, str(port)], port)
+    )
     return f"http://127.0.0.1:{port}/{name}", Storage(), proc.pid
 
 
@@ -136,8 +154,9 @@ def _s3_root(stack: ExitStack, folder: str) -> tuple[str, Storage, int]:
     port = free_port()
     proc = stack.enter_context(_server([moto, "-H", "127.0.0.1", "-p", str(port)], port))
     endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-                          region_name="us-east-1")
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench", region_name="us-east-1"
+    )
     client.create_bucket(Bucket="bench")
     for name in sorted(os.listdir(folder)):
         client.upload_file(os.path.join(folder, name), "bench", f"shards/{name}")
@@ -145,8 +164,9 @@ def _s3_root(stack: ExitStack, folder: str) -> tuple[str, Storage, int]:
     return "s3://bench/shards", storage, proc.pid
 
 
-def remote_rates(folder: str, protocols: list[str], batch_size: int, samples: int, workers: list[int],
-                 repeats: int) -> dict:  # fmt: skip
+def remote_rates(
+    folder: str, protocols: list[str], batch_size: int, samples: int, workers: list[int], repeats: int
+) -> dict:
     """Reader samples/s from local disk and from each server on loopback (no cache: every read remote).
 
     Settings are measured in turns, ``repeats`` rounds, and the best of each is kept: on a shared
@@ -178,27 +198,36 @@ def remote_rates(folder: str, protocols: list[str], batch_size: int, samples: in
         out[name] = dict(rates)
         if name != "local":
             out[name]["ratio_to_local"] = {w: round(rates[w] / best["local"][w], 3) for w in rates}
-            out[name]["server_cpu_s_per_1k_samples"] = round(server_cpu[name] / (repeats * len(workers) * samples)
-                                                             * 1000, 4)  # fmt: skip
+            out[name]["server_cpu_s_per_1k_samples"] = round(
+                server_cpu[name] / (repeats * len(workers) * samples) * 1000, 4
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scale", type=float, default=1.0, help="size of the synthetic raw data (1.0: ~1,000-2,000 "
-                                                             "samples per kind)")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="size of the synthetic raw data (1.0: ~1,000-2,000 samples per kind)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--samples", type=int, default=10000, help="training samples read per reader measurement")
     p.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {','.join(KINDS)}")
-    p.add_argument("--remote", default="http,s3", help="servers to read the mnist-svhn shards from on loopback "
-                                                       "(http, s3; 'none' to skip)")
+    p.add_argument(
+        "--remote",
+        default="http,s3",
+        help="servers to read the mnist-svhn shards from on loopback (http, s3; 'none' to skip)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="rounds of the remote comparison (best of each kept)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     workers = [int(w) for w in args.workers.split(",")]
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-              "batch_size": args.batch_size, "samples_read": args.samples, "kinds": {}}
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "batch_size": args.batch_size,
+        "samples_read": args.samples,
+        "kinds": {},
+    }
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         for kind in args.kinds.split(","):
             out, seconds = KINDS[kind](tmp, args.scale)
@@ -209,17 +238,22 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": meta["splits"],
                 "conversion_s": round(seconds, 3),
                 "conversion_samples_per_s": round(total / seconds, 1),
-                "reader_samples_per_s": {str(w): round(read_rate(out, args.batch_size, args.samples, w), 1)
-                                         for w in workers},
+                "reader_samples_per_s": {
+                    str(w): round(read_rate(out, args.batch_size, args.samples, w), 1) for w in workers
+                },
             }
             result["kinds"][kind] = entry
             print(f"{kind}: {json.dumps(entry)}", file=sys.stderr)
         remote = [r for r in args.remote.split(",") if r and r != "none"]
         if remote:
-            folder = os.path.join(tmp, "ms") if "mnist-svhn" in args.kinds.split(",") else \
-                _convert_mnist_svhn(tmp, args.scale)[0]
-            result["remote_mnist_svhn"] = remote_rates(folder, remote, args.batch_size, args.samples, workers,
-                                                          args.repeats)
+            folder = (
+                os.path.join(tmp, "ms")
+                if "mnist-svhn" in args.kinds.split(",")
+                else _convert_mnist_svhn(tmp, args.scale)[0]
+            )
+            result["remote_mnist_svhn"] = remote_rates(
+                folder, remote, args.batch_size, args.samples, workers, args.repeats
+            )
             print(f"remote: {json.dumps(result['remote_mnist_svhn'])}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return 0

@@ -109,8 +109,10 @@ class Engine:
 
 def path_configs(config: str, overrides: list[str]) -> dict:
     shipped = load_config(ROOT / config, overrides)
-    plain = load_config(ROOT / config, [*overrides, "train.precision=fp32", "train.zero_stage=0",
-                                        "train.channels_last=false", "train.compile=false"])  # fmt: skip
+    plain = load_config(
+        ROOT / config,
+        [*overrides, "train.precision=fp32", "train.zero_stage=0", "train.channels_last=false", "train.compile=false"],
+    )
     return {"plain": plain, "deepspeed": plain, "shipped": shipped}
 
 
@@ -135,14 +137,25 @@ def bench_steps(shape: str, batch_size: int, repeats: int, steps: int, overrides
     cfgs = path_configs(config, [f"train.micro_batch_size={batch_size}", *overrides])
     specs = modality_specs(cfgs["plain"].model, {"modalities": meta})
     batch = synthetic_batch(meta, batch_size)
-    runners = {"plain": Plain(cfgs["plain"], specs, batch), "deepspeed": Engine(cfgs["deepspeed"], specs, batch),
-               "shipped": Engine(cfgs["shipped"], specs, batch)}  # fmt: skip
+    runners = {
+        "plain": Plain(cfgs["plain"], specs, batch),
+        "deepspeed": Engine(cfgs["deepspeed"], specs, batch),
+        "shipped": Engine(cfgs["shipped"], specs, batch),
+    }
     rates = time_interleaved(runners, batch_size, repeats, steps)
     t = cfgs["shipped"].train
-    out = {"batch": batch_size, "precision": {p: r.precision for p, r in runners.items()},
-           "shipped": {"precision": t.precision, "resolved_precision": runners["shipped"].precision,
-                       "zero_stage": t.zero_stage, "channels_last": t.channels_last, "compile": t.compile},
-           "samples_per_s": {p: spread(r) for p, r in rates.items()}}  # fmt: skip
+    out = {
+        "batch": batch_size,
+        "precision": {p: r.precision for p, r in runners.items()},
+        "shipped": {
+            "precision": t.precision,
+            "resolved_precision": runners["shipped"].precision,
+            "zero_stage": t.zero_stage,
+            "channels_last": t.channels_last,
+            "compile": t.compile,
+        },
+        "samples_per_s": {p: spread(r) for p, r in rates.items()},
+    }
     med = {p: out["samples_per_s"][p]["median"] for p in runners}
     out["deepspeed_overhead"] = 1 - med["deepspeed"] / med["plain"]
     out["shipped_over_plain"] = med["shipped"] / med["plain"]
@@ -150,8 +163,14 @@ def bench_steps(shape: str, batch_size: int, repeats: int, steps: int, overrides
     return out
 
 
-def bench_observed_fraction(shape: str, batch_size: int, repeats: int, steps: int, overrides: list[str],
-                            fractions: tuple[float, ...] = (1.0, 0.25)) -> dict:  # fmt: skip
+def bench_observed_fraction(
+    shape: str,
+    batch_size: int,
+    repeats: int,
+    steps: int,
+    overrides: list[str],
+    fractions: tuple[float, ...] = (1.0, 0.25),
+) -> dict:
     """The shipped step at observed fraction f = 1 and f = 0.25 (missing: either), interleaved."""
     config, meta = SHAPES[shape]
     cfg = path_configs(config, [f"train.micro_batch_size={batch_size}", *overrides])["shipped"]
@@ -160,9 +179,12 @@ def bench_observed_fraction(shape: str, batch_size: int, repeats: int, steps: in
     rates = time_interleaved(runners, batch_size, repeats, steps)
     med = {name: statistics.median(r) for name, r in rates.items()}
     first, *rest = fractions
-    return {"batch": batch_size, "precision": runners[f"f_{first}"].precision,
-            "samples_per_s": {name: spread(r) for name, r in rates.items()},
-            **{f"f_{f}_over_f_{first}": med[f"f_{f}"] / med[f"f_{first}"] for f in rest}}  # fmt: skip
+    return {
+        "batch": batch_size,
+        "precision": runners[f"f_{first}"].precision,
+        "samples_per_s": {name: spread(r) for name, r in rates.items()},
+        **{f"f_{f}_over_f_{first}": med[f"f_{f}"] / med[f"f_{first}"] for f in rest},
+    }
 
 
 def flops_per_sample(plain: Plain, batch_size: int) -> float:
@@ -219,5 +241,10 @@ def bench_objective(batch_size: int, repeats: int, steps: int) -> dict:
             ms[name].append(1e3 * (time.perf_counter() - t0) / (steps * batch_size))
     t_k, t_0 = (statistics.median(ms[name]) for name in ks)
     shares = [1 - b / a for a, b in zip(*ms.values())]  # per repeat: the two timings ran back to back
-    return {"batch": batch_size, "k": cfg.model.k, "ms_per_sample": {name: spread(v) for name, v in ms.items()},
-            "cross_term_share": 1 - t_0 / t_k, "cross_term_share_per_repeat": spread(shares)}  # fmt: skip
+    return {
+        "batch": batch_size,
+        "k": cfg.model.k,
+        "ms_per_sample": {name: spread(v) for name, v in ms.items()},
+        "cross_term_share": 1 - t_0 / t_k,
+        "cross_term_share_per_repeat": spread(shares),
+    }

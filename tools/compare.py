@@ -69,20 +69,37 @@ class Grid:
         self.path = out / GRID
         state = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if state and state["budget"] != budget:
-            raise GridError(f"{self.path}: this folder holds a grid with budget {state['budget']}, not {budget}; "
-                            "choose another --out (cells of different budgets must not be mixed)")  # fmt: skip
+            raise GridError(
+                f"{self.path}: this folder holds a grid with budget {state['budget']}, not {budget}; "
+                "choose another --out (cells of different budgets must not be mixed)"
+            )
         self.parent_run_id: str | None = state.get("parent_run_id")
         self.children: dict[str, str] = state.get("children", {})
 
     def save(self) -> None:
-        _write_json(self.path, {"budget": self.budget, "tracking_uri": self.tracking_uri, "experiment": self.experiment,
-                                "parent_run_id": self.parent_run_id, "children": self.children})  # fmt: skip
+        _write_json(
+            self.path,
+            {
+                "budget": self.budget,
+                "tracking_uri": self.tracking_uri,
+                "experiment": self.experiment,
+                "parent_run_id": self.parent_run_id,
+                "children": self.children,
+            },
+        )
 
     def open_parent(self, params: dict):
         from meme_scale.tracking import open_tracker
 
-        tracker = open_tracker(True, self.tracking_uri, self.out, self.experiment, f"compare {self.out.name}",
-                               run_id=self.parent_run_id, tags={"meme_scale.compare": "grid"})  # fmt: skip
+        tracker = open_tracker(
+            True,
+            self.tracking_uri,
+            self.out,
+            self.experiment,
+            f"compare {self.out.name}",
+            run_id=self.parent_run_id,
+            tags={"meme_scale.compare": "grid"},
+        )
         if self.parent_run_id is None:
             tracker.log_params(params)
             self.parent_run_id = tracker.run_id
@@ -119,22 +136,53 @@ def run_cell(grid: Grid, config: str, model: str, fraction: float, seed: int, ov
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(record, {**cell, "mlflow_run_id": run_id})
     steps = grid.budget["steps"]
-    cell_args = [f"model.name={model}", f"data.observed_fraction={fraction}", f"train.seed={seed}",
-                 f"train.max_steps={steps}", f"train.micro_batch_size={grid.budget['batch']}",
-                 f"run.eval_every={grid.budget['eval_every']}", f"run.dir={run_dir}", "run.progress=none",
-                 f"run.experiment={grid.experiment}", f"run.tracking_uri={grid.tracking_uri}", *overrides]  # fmt: skip
+    cell_args = [
+        f"model.name={model}",
+        f"data.observed_fraction={fraction}",
+        f"train.seed={seed}",
+        f"train.max_steps={steps}",
+        f"train.micro_batch_size={grid.budget['batch']}",
+        f"run.eval_every={grid.budget['eval_every']}",
+        f"run.dir={run_dir}",
+        "run.progress=none",
+        f"run.experiment={grid.experiment}",
+        f"run.tracking_uri={grid.tracking_uri}",
+        *overrides,
+    ]
     if finished:  # trained, but its report is gone: evaluate the final checkpoint again
-        cmd = [sys.executable, "-m", "meme_scale.cli", "eval", "--checkpoint", str(run_dir / "checkpoints"),
-               "--config", config, "--out", str(report), *cell_args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "meme_scale.cli",
+            "eval",
+            "--checkpoint",
+            str(run_dir / "checkpoints"),
+            "--config",
+            config,
+            "--out",
+            str(report),
+            *cell_args,
+        ]
     else:
-        cmd = [sys.executable, str(ROOT / "meme_scale" / "train.py"), "--config", config, "--resume", "auto",
-               "--mlflow-run-id", run_id, *cell_args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(ROOT / "meme_scale" / "train.py"),
+            "--config",
+            config,
+            "--resume",
+            "auto",
+            "--mlflow-run-id",
+            run_id,
+            *cell_args,
+        ]
     t0 = time.time()
     with open(run_dir / "train.log", "a") as log:
         proc = subprocess.run(cmd, check=False, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
     if proc.returncode == 0 and summary_path.is_file() and json.loads(summary_path.read_text())["status"] == "stopped":
-        raise GridError(f"cell {name} was stopped by a signal at step {json.loads(summary_path.read_text())['step']} "
-                        "(checkpointed): run the same command again to continue it")  # fmt: skip
+        raise GridError(
+            f"cell {name} was stopped by a signal at step {json.loads(summary_path.read_text())['step']} "
+            "(checkpointed): run the same command again to continue it"
+        )
     if proc.returncode != 0 or not report.is_file():
         tail = (run_dir / "train.log").read_text(errors="replace")[-3000:]
         raise GridError(f"cell {name} failed (exit {proc.returncode}); log {run_dir / 'train.log'}:\n{tail}")
@@ -172,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     try:
-        cfg = load_config(args.config, [*args.overrides, f"train.micro_batch_size={args.batch}",
-                                        f"train.max_steps={args.steps}"])  # fmt: skip
+        cfg = load_config(
+            args.config, [*args.overrides, f"train.micro_batch_size={args.batch}", f"train.max_steps={args.steps}"]
+        )
         for model in args.models:
             load_config(args.config, [*args.overrides, f"model.name={model}"])
         for f in args.fractions:
@@ -190,31 +239,66 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:  # a bad recipe knob fails here, not after hours of other cells
         build_model(load_config(args.config, [*args.overrides, f"model.name={model}"]).model, specs)
     out.mkdir(parents=True, exist_ok=True)
-    budget = {"config": args.config, "steps": args.steps, "batch": args.batch,
-              "eval_every": args.eval_every or args.steps, "overrides": args.overrides}  # fmt: skip
+    budget = {
+        "config": args.config,
+        "steps": args.steps,
+        "batch": args.batch,
+        "eval_every": args.eval_every or args.steps,
+        "overrides": args.overrides,
+    }
     tracking_uri = cfg.run.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     grid = Grid(out, budget, tracking_uri, args.experiment)
     recipes = {m: "-" if m == "meme" else cfg.model.recipe for m in args.models}
-    parent = grid.open_parent({**{f"budget.{k}": v for k, v in budget.items()}, "models": args.models,
-                               "fractions": args.fractions, "seeds": args.seeds, "recipes": recipes})  # fmt: skip
+    parent = grid.open_parent(
+        {
+            **{f"budget.{k}": v for k, v in budget.items()},
+            "models": args.models,
+            "fractions": args.fractions,
+            "seeds": args.seeds,
+            "recipes": recipes,
+        }
+    )
     try:
-        results = {m: {str(f): [run_cell(grid, args.config, m, f, seed, args.overrides) for seed in args.seeds]
-                       for f in args.fractions} for m in args.models}  # fmt: skip
+        results = {
+            m: {
+                str(f): [run_cell(grid, args.config, m, f, seed, args.overrides) for seed in args.seeds]
+                for f in args.fractions
+            }
+            for m in args.models
+        }
     except BaseException:
         parent.finish("FAILED")
         raise
-    header = (f"Data: `{cfg.data.root}` ({args.config}); budget: {args.steps} steps of batch {args.batch}, one "
-              f"process; seeds {args.seeds}; test split evaluated at the last step; mean ± std over seeds. "
-              f"Command: `python tools/compare.py {' '.join(argv if argv is not None else sys.argv[1:])}`.")  # fmt: skip
+    header = (
+        f"Data: `{cfg.data.root}` ({args.config}); budget: {args.steps} steps of batch {args.batch}, one "
+        f"process; seeds {args.seeds}; test split evaluated at the last step; mean ± std over seeds. "
+        f"Command: `python tools/compare.py {' '.join(argv if argv is not None else sys.argv[1:])}`."
+    )
     table = comparison.markdown(results, args.models, args.fractions, names, header, recipes)
     labels = meta.get("label", {}).get("names") or []
-    figure = comparison.coherence_plot(results, args.models, args.fractions, names, out / "coherence_vs_f.png",
-                                       chance=1 / len(labels) if labels else None,
-                                       title=f"{args.steps} steps of batch {args.batch}, seeds {args.seeds}")  # fmt: skip
+    figure = comparison.coherence_plot(
+        results,
+        args.models,
+        args.fractions,
+        names,
+        out / "coherence_vs_f.png",
+        chance=1 / len(labels) if labels else None,
+        title=f"{args.steps} steps of batch {args.batch}, seeds {args.seeds}",
+    )
     (out / "results.md").write_text(table)
-    _write_json(out / "results.json", {"budget": budget, "models": args.models, "fractions": args.fractions,
-                                       "seeds": args.seeds, "recipes": recipes, "joint_note": comparison.JOINT_NOTE,
-                                       "summary": comparison.summary(results, names), "results": results})  # fmt: skip
+    _write_json(
+        out / "results.json",
+        {
+            "budget": budget,
+            "models": args.models,
+            "fractions": args.fractions,
+            "seeds": args.seeds,
+            "recipes": recipes,
+            "joint_note": comparison.JOINT_NOTE,
+            "summary": comparison.summary(results, names),
+            "results": results,
+        },
+    )
     parent.log_metrics(comparison.parent_metrics(results, names), args.steps)
     for path in (out / "results.md", out / "results.json", figure):
         parent.log_artifact(path)

@@ -15,6 +15,7 @@ Thin on purpose: each subcommand's code lives in ``meme_scale/data/sources/<name
 registered in ``meme_scale.data.sources.SOURCES``; this file only builds the parser, runs the
 converter and prints its one-line summary with the elapsed seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
     for name in SOURCES:
         module = load_source(name)
-        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+        module.add_arguments(
+            sub.add_parser(
+                name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
+        )
     return parser
 
 

@@ -25,8 +25,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from meme_scale.models import modality_specs  # noqa: E402
 
 
-def profile_shape(shape: str, batch_size: int, steps: int, path: str, fraction: float, rows: int,
-                  overrides: list[str]) -> str:  # fmt: skip
+def profile_shape(
+    shape: str, batch_size: int, steps: int, path: str, fraction: float, rows: int, overrides: list[str]
+) -> str:
     config, meta = SHAPES[shape]
     cfgs = path_configs(config, [f"train.micro_batch_size={batch_size}", *overrides])
     cfg = cfgs["plain" if path == "plain" else "shipped"]
@@ -44,12 +45,18 @@ def profile_shape(shape: str, batch_size: int, steps: int, path: str, fraction: 
             runner.step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    lines = [f"### {shape}: {path} step, batch {batch_size}, observed fraction {fraction}, "
-             f"precision {runner.precision}: {rate:.1f} samples/s", "",
-             "| operator | self CPU share | ms per step | calls per step |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"### {shape}: {path} step, batch {batch_size}, observed fraction {fraction}, "
+        f"precision {runner.precision}: {rate:.1f} samples/s",
+        "",
+        "| operator | self CPU share | ms per step | calls per step |",
+        "|---|---|---|---|",
+    ]
     for e in events[:rows]:
-        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / total:.1%} | {e.self_cpu_time_total / 1e3 / steps:.1f} "
-                     f"| {e.count // steps} |")  # fmt: skip
+        lines.append(
+            f"| `{e.key}` | {e.self_cpu_time_total / total:.1%} | {e.self_cpu_time_total / 1e3 / steps:.1f} "
+            f"| {e.count // steps} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -66,11 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     from meme_scale.engine import init_distributed
 
     init_distributed()
-    print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} threads\n")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     for shape in args.shapes.split(","):
-        print(profile_shape(shape, args.batch, args.steps, args.path, args.observed_fraction, args.rows,
-                            args.overrides), flush=True)  # fmt: skip
+        print(
+            profile_shape(shape, args.batch, args.steps, args.path, args.observed_fraction, args.rows, args.overrides),
+            flush=True,
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ for retry tests it can misbehave on purpose: ``--fail-every N`` answers every N-
 ``--reset-every N`` sends half of every N-th GET's body and then drops the connection. ``--log``
 appends one "GET path" line per GET served. Prints "ready" once it listens.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = read_meta(args.shards)
     if not meta.get("label"):
-        print(f"error: {args.shards}/meta.json has no labels: coherence classifiers need labelled data", file=sys.stderr)
+        print(
+            f"error: {args.shards}/meta.json has no labels: coherence classifiers need labelled data", file=sys.stderr
+        )
         return 2
     num_classes = len(meta["label"]["names"])
     out = Path(args.out or Path(args.shards) / "classifiers")
@@ -50,12 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         x_train, y_train = load_split(args.shards, "train", name)
         x_test, y_test = load_split(args.shards, "test", name)
-        model, train_acc = train_classifier(x_train, y_train, num_classes, epochs=args.epochs, lr=args.lr,
-                                            seed=args.seed)  # fmt: skip
+        model, train_acc = train_classifier(
+            x_train, y_train, num_classes, epochs=args.epochs, lr=args.lr, seed=args.seed
+        )
         test_acc = evaluate_classifier(model, x_test, y_test)
         path = save_classifier(model, out / f"{name}.pt", test_acc)
-        report[name] = {"file": str(path), "train_accuracy": train_acc, "test_accuracy": test_acc,
-                        "train_samples": len(y_train), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        report[name] = {
+            "file": str(path),
+            "train_accuracy": train_acc,
+            "test_accuracy": test_acc,
+            "train_samples": len(y_train),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         print(f"{name}: test accuracy {test_acc:.4f} ({len(y_test)} samples) -> {path}", file=sys.stderr)
     if not report:
         print(f"error: {args.shards} has no image modality to classify", file=sys.stderr)

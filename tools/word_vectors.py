@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = read_meta(args.shards)
     captions = [m for m, spec in meta["modalities"].items() if spec["kind"] == "caption"]
     if args.modality is None and len(captions) != 1:
-        print(f"error: {args.shards}/meta.json has caption modalities {captions}: name one with --modality",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {args.shards}/meta.json has caption modalities {captions}: name one with --modality",
+            file=sys.stderr,
+        )
         return 2
     modality = args.modality or captions[0]
     if modality not in captions:
@@ -44,16 +46,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(args.shards, meta, modality)
-    texts = [text for batch in eval_batches(args.shards, "train", 1024, modalities=[modality], rank=0, world_size=1)
-             for text in tokenizer.decode_batch(batch[modality])]  # fmt: skip
+    texts = [
+        text
+        for batch in eval_batches(args.shards, "train", 1024, modalities=[modality], rank=0, world_size=1)
+        for text in tokenizer.decode_batch(batch[modality])
+    ]
     try:
         vectors = train_word_vectors(texts, dim=args.dim, window=args.window, min_count=args.min_count)
     except ValueError as e:
         print(f"error: {args.shards}: {e}", file=sys.stderr)
         return 2
     path = save_word_vectors(vectors, args.out or Path(args.shards) / "word_vectors.txt")
-    print(json.dumps({"file": str(path), "captions": len(texts), "words": len(vectors.index), "dim": vectors.dim,
-                      "seconds": round(time.perf_counter() - t0, 1)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "file": str(path),
+                "captions": len(texts),
+                "words": len(vectors.index),
+                "dim": vectors.dim,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
     return 0
 
 

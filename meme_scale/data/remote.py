@@ -46,10 +46,10 @@ def filesystem(url: str, options: dict) -> tuple[Any, str]:
         import aiohttp
 
         kwargs.setdefault("client_kwargs", {"timeout": aiohttp.ClientTimeout(
-            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)})  # fmt: skip
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT)})
     elif kind == "s3":
         kwargs.setdefault("config_kwargs", {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
-                                            "retries": {"total_max_attempts": 1}})  # fmt: skip
+                                            "retries": {"total_max_attempts": 1}})
     try:
         fs, path = url_to_fs(url, **kwargs)
         if kind == "s3":
@@ -83,7 +83,7 @@ def transient(e: BaseException) -> bool:
     if module in ("botocore", "aiobotocore", "urllib3"):
         names = {c.__name__ for c in type(e).__mro__}
         return bool(names & {"ConnectionError", "HTTPClientError", "IncompleteReadError", "ResponseStreamingError",
-                             "ProtocolError", "ReadTimeoutError"})  # fmt: skip
+                             "ProtocolError", "ReadTimeoutError"})
     return False
 
 

@@ -221,7 +221,7 @@ def load_tokenizer(root: str, meta: dict, modality: str, storage: st.Storage | N
 
 
 def tokenizer_paths(root: str, meta: dict, modalities: Iterable[str],
-                    storage: st.Storage | None = None) -> dict[str, str]:  # fmt: skip
+                    storage: st.Storage | None = None) -> dict[str, str]:
     """{caption modality: absolute local path of its tokenizer model} (for decoding generated captions;
     a remote model is copied to the cache or a temporary folder first)."""
     storage = storage or st.Storage()
@@ -268,7 +268,7 @@ class _Producer(torch.utils.data.IterableDataset):
         openers = s.storage.prefetch(urls, s.meta["digest"])  # lazy: shard k+1 is fetched while k is read
         chain = itertools.chain.from_iterable(
             iter_shard(url, s.meta["sizes"][n], s.fields, any_of=modality_fields(s.meta), opener=opener)
-            for n, url, opener in zip(names, urls, openers))  # fmt: skip
+            for n, url, opener in zip(names, urls, openers))
         return _shuffled(chain, s.shuffle_buffer, random.Random(_derive_seed("samples", s.seed, epoch, s.rank)))
 
     def produce(self, worker: int, num_workers: int) -> Iterator[tuple[int, int, dict]]:
@@ -308,7 +308,7 @@ class TrainStream:
     def __init__(self, root: str, split: str, batch_size: int, *, modalities: list[str], rank: int,
                  world_size: int, seed: int, observed_fraction: float, missing: str, num_workers: int = 0,
                  start_epoch: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, mask_seed: int | None = None,
-                 storage: st.Storage | None = None):  # fmt: skip
+                 storage: st.Storage | None = None):
         check_args(observed_fraction, missing)
         _check_rank(rank, world_size)
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or start_epoch < 0 or start_batch < 0:
@@ -388,7 +388,7 @@ def eval_batches(root: str, split: str, batch_size: int, *, modalities: list[str
         for p, n in zip(paths, sizes):
             if offset < hi and offset + n > lo:
                 for i, raw in enumerate(iter_shard(p, n, fields, any_of=modality_fields(meta), storage=storage,
-                                                   version=meta["digest"]), start=offset):  # fmt: skip
+                                                   version=meta["digest"]), start=offset):
                     if lo <= i < hi and all(f in raw for f in decoder.fields):
                         yield raw
             offset += n

@@ -109,7 +109,7 @@ def _members(opener: Callable[[], BinaryIO]) -> Iterator[tuple[str, bytes]]:
 
 def iter_shard(path: str, expected: int | None = None, fields: Iterable[str] = (), *, any_of: Iterable[str] = (),
                storage: st.Storage | None = None, version: str | None = None,
-               opener: Callable[[], BinaryIO] | None = None) -> Iterator[Raw]:  # fmt: skip
+               opener: Callable[[], BinaryIO] | None = None) -> Iterator[Raw]:
     """Raw samples of one tar in member order, grouped by key as webdataset does; never skips errors.
 
     ``path`` is a local path or a URL (see storage.py; ``storage`` sets retries and the cache,

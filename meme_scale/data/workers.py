@@ -37,7 +37,7 @@ def worker_batches(producer: torch.utils.data.IterableDataset, num_workers: int)
     loader = iter(torch.utils.data.DataLoader(producer, batch_size=None, num_workers=num_workers,
                                               collate_fn=_identity, generator=torch.Generator().manual_seed(0),
                                               multiprocessing_context="forkserver",
-                                              worker_init_fn=functools.partial(_exit_with, os.getpid())))  # fmt: skip
+                                              worker_init_fn=functools.partial(_exit_with, os.getpid())))
     try:
         yield from loader
     finally:

@@ -41,7 +41,7 @@ from PIL import Image
 from . import storage as st
 from .patterns import PATTERNS, pattern_name, present_mask
 from .shards import (FORMAT_VERSION, SPLITS, _Decoder, iter_shard, load_tokenizer, modality_fields, read_meta,
-                     required_fields, shard_paths)  # fmt: skip
+                     required_fields, shard_paths)
 from .tokenizer import Tokenizer, normalise
 
 EXTENSIONS = {"image": "png", "vector": "npy", "caption": "txt"}

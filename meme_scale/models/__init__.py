@@ -24,10 +24,17 @@ def modality_specs(model_cfg, meta: dict) -> list[ModalitySpec]:
         net = entry.net if entry is not None and entry.net != "auto" else auto_network(kind, shape)
         opts = {}
         if entry is not None:
-            opts = dict(hidden=tuple(entry.hidden), sigma_min=entry.sigma_min,
-                        likelihood_scale=entry.likelihood_scale, embedding_dim=entry.embedding_dim)  # fmt: skip
-        specs.append(ModalitySpec(name, kind, shape, net, vocab_size=info.get("vocab_size", 0),
-                                  pad_id=info.get("pad_id", 0), **opts))  # fmt: skip
+            opts = dict(
+                hidden=tuple(entry.hidden),
+                sigma_min=entry.sigma_min,
+                likelihood_scale=entry.likelihood_scale,
+                embedding_dim=entry.embedding_dim,
+            )
+        specs.append(
+            ModalitySpec(
+                name, kind, shape, net, vocab_size=info.get("vocab_size", 0), pad_id=info.get("pad_id", 0), **opts
+            )
+        )
     return specs
 
 
@@ -43,6 +50,21 @@ def build_model(model_cfg, specs: list[ModalitySpec]) -> MultimodalVAE:
     return MODELS[model_cfg.name](specs, model_cfg.latent_dim, recipe=recipe)
 
 
-__all__ = ["MEME", "MMVAE", "MODELS", "MVAE", "NETWORKS", "ModalitySpec", "MoPoE", "MultimodalVAE", "Recipe",
-           "auto_network", "build_model", "build_networks", "count_parameters", "modality_specs",
-           "pick_pseudo_samples", "resolve_recipe"]
+__all__ = [
+    "MEME",
+    "MMVAE",
+    "MODELS",
+    "MVAE",
+    "NETWORKS",
+    "ModalitySpec",
+    "MoPoE",
+    "MultimodalVAE",
+    "Recipe",
+    "auto_network",
+    "build_model",
+    "build_networks",
+    "count_parameters",
+    "modality_specs",
+    "pick_pseudo_samples",
+    "resolve_recipe",
+]

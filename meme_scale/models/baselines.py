@@ -102,9 +102,13 @@ class _Baseline(MultimodalVAE):
             return recipe.kl_weight
         if self._progress is None:  # without the step there is no warm-up: say so rather than train silently without
             if not self._warned_step:
-                log.warning("%s: a KL warm-up over %.0f%% of the run is configured but the training step is unknown "
-                            "(nothing called set_step): training with the full KL weight %g",
-                            type(self).__name__, 100 * recipe.kl_warmup, recipe.kl_weight)  # fmt: skip
+                log.warning(
+                    "%s: a KL warm-up over %.0f%% of the run is configured but the training step is unknown "
+                    "(nothing called set_step): training with the full KL weight %g",
+                    type(self).__name__,
+                    100 * recipe.kl_warmup,
+                    recipe.kl_weight,
+                )
                 self._warned_step = True
             return recipe.kl_weight
         return kl_schedule(*self._progress, recipe.kl_warmup, recipe.kl_weight)
@@ -177,8 +181,9 @@ class _SubsetELBOModel(_Baseline):
     def uses_prior_expert(self, subset: tuple[str, ...]) -> bool:
         return self.prior_expert or (self.recipe.full_set_prior_expert and len(subset) == len(self.names))
 
-    def _subset_terms(self, subset: tuple[str, ...], rows: Tensor, enc: dict, batch: dict,
-                      weights: dict[str, float]) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    def _subset_terms(
+        self, subset: tuple[str, ...], rows: Tensor, enc: dict, batch: dict, weights: dict[str, float]
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """log p(x|z_S), its weighted sum over modalities and KL(q_S || N(0, I)) on the rows where S is
         observed, from one reparameterised sample z_S ~ q_S."""
         mus = torch.stack([enc[m][0][rows] for m in subset])
@@ -221,8 +226,14 @@ class MoPoE(_SubsetELBOModel):
 class MMVAE(_Baseline):
     """Mixture of experts with the stratified IWAE/DReG bound (Shi et al. 2019); paired samples only."""
 
-    def __init__(self, specs: list[ModalitySpec], latent_dim: int = 64, k: int = 10, estimator: str = "dreg",
-                 recipe: Recipe | None = None):  # fmt: skip
+    def __init__(
+        self,
+        specs: list[ModalitySpec],
+        latent_dim: int = 64,
+        k: int = 10,
+        estimator: str = "dreg",
+        recipe: Recipe | None = None,
+    ):
         super().__init__(specs, latent_dim, recipe)
         if estimator not in ESTIMATORS:
             raise ValueError(f"MMVAE estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
@@ -249,8 +260,9 @@ class MMVAE(_Baseline):
             self._warn_unpaired(int((~paired).sum()), batch_size)
         total = torch.zeros((), device=observed.device)
         if paired.any():
-            objective, per_component, log_px = self.stratified_bound({m: batch[m][paired] for m in self.names},
-                                                                     self.likelihood_weights())  # fmt: skip
+            objective, per_component, log_px = self.stratified_bound(
+                {m: batch[m][paired] for m in self.names}, self.likelihood_weights()
+            )
             total = objective.sum()
             record("bound", per_component.mean(0))
             for i, m in enumerate(self.names):
@@ -261,8 +273,9 @@ class MMVAE(_Baseline):
         record("paired_fraction", paired.float())
         return self.touch_all_parameters(-total / batch_size), record.result()
 
-    def stratified_bound(self, xs: dict[str, Tensor], weights: list[float] | None = None
-                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:  # fmt: skip
+    def stratified_bound(
+        self, xs: dict[str, Tensor], weights: list[float] | None = None
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The per-sample objective ``[n]`` (1/M sum_m of the component bounds, log p(x|z) weighted by
         ``weights``), the unweighted per-component bounds ``[M, n]`` (detached) and log p(x|z)
         ``[K, M, n]`` per modality.
@@ -291,9 +304,12 @@ class MMVAE(_Baseline):
     def _warn_unpaired(self, n_unpaired: int, batch_size: int) -> None:
         """MMVAE's objective needs every modality: say once that partially observed data is dropped."""
         if not self._warned:
-            log.warning("MMVAE trains on paired samples only: %d of %d samples of this batch are unpaired and "
-                        "ignored (data.observed_fraction < 1); the 'ignored_unpaired' term counts them",
-                        n_unpaired, batch_size)  # fmt: skip
+            log.warning(
+                "MMVAE trains on paired samples only: %d of %d samples of this batch are unpaired and "
+                "ignored (data.observed_fraction < 1); the 'ignored_unpaired' term counts them",
+                n_unpaired,
+                batch_size,
+            )
             self._warned = True
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from functools import partial
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -217,8 +217,9 @@ class MEME(MultimodalVAE):
             for x, y in ((names[0], names[1]), (names[1], names[0])):
                 on_paired = {m: [t[rows.paired_in[m]] for t in post[m]] for m in (x, y)}
                 kl = obj.gaussian_kl(*on_paired[x], *on_paired[y])
-                bound, parts = obj.mutual_supervision_from_parts(own_ll[x][rows.paired_in[x]], cross_ll[y], kl,
-                                                                 self.alpha)  # fmt: skip
+                bound, parts = obj.mutual_supervision_from_parts(
+                    own_ll[x][rows.paired_in[x]], cross_ll[y], kl, self.alpha
+                )
                 total = total + bound.sum()
                 record(f"J_{x}|{y}", bound)
                 record(f"kl_{x}|{y}", parts["kl"])
@@ -316,8 +317,10 @@ def pick_pseudo_samples(batches: Iterable[dict], names: list[str], n: int) -> di
         if all(len(v) == n for v in picked.values()):
             return {m: torch.stack(v) for m, v in picked.items()}
     short = {m: len(v) for m, v in picked.items() if len(v) < n}
-    raise ValueError(f"model.pseudo_samples={n} needs {n} distinct observed samples per modality; the training "
-                     f"data hold only {short} (lower model.pseudo_samples or use model.pseudo_init=random)")
+    raise ValueError(
+        f"model.pseudo_samples={n} needs {n} distinct observed samples per modality; the training "
+        f"data hold only {short} (lower model.pseudo_samples or use model.pseudo_init=random)"
+    )
 
 
 def _pseudo_shape(spec: ModalitySpec) -> tuple[int, ...]:

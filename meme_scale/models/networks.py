@@ -9,8 +9,8 @@ logits ``[..., B, T, V]`` for captions).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,8 +115,13 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     """
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if x.shape[-2:] != (1, 1) or self.stride != (1, 1) or self.padding != (0, 0) or output_size is not None \
-                or self.groups != 1:  # fmt: skip
+        if (
+            x.shape[-2:] != (1, 1)
+            or self.stride != (1, 1)
+            or self.padding != (0, 0)
+            or output_size is not None
+            or self.groups != 1
+        ):
             return super().forward(x, output_size)
         n, (kh, kw) = x.shape[0], self.kernel_size
         out = x.flatten(1) @ self.weight.flatten(1)  # [N, C * kh * kw], in (c, h, w) order
@@ -214,8 +219,7 @@ class CaptionEncoder(nn.Module):
         for c_out, (k, s, p) in zip(widths, _caption_plan(spec.shape[0], spec.embedding_dim, len(widths))):
             layers += [nn.Conv2d(c_in, c_out, k, s, p, bias=False), BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
-        layers += [Conv2d(c_in, features, _caption_grid(spec, len(widths)), 1, 0), nn.ReLU(inplace=True),
-                   nn.Flatten()]  # fmt: skip
+        layers += [Conv2d(c_in, features, _caption_grid(spec, len(widths)), 1, 0), nn.ReLU(inplace=True), nn.Flatten()]
         self.body = nn.Sequential(*layers)
         self.head = GaussianHead(features, latent_dim, spec.sigma_min)
 

@@ -62,12 +62,19 @@ def resolve_recipe(model_cfg, specs: list[ModalitySpec]) -> Recipe:
     name = model_cfg.name
     if model_cfg.recipe not in RECIPES:
         raise ValueError(f"model.recipe must be one of {list(RECIPES)}, got {model_cfg.recipe!r}")
-    knobs = {"kl_warmup": model_cfg.kl_warmup != UNSET, "kl_weight": model_cfg.kl_weight != UNSET,
-             "likelihood_weights": bool(model_cfg.likelihood_weights)}  # fmt: skip
-    unused = [k for k, set_ in knobs.items() if set_ and (name == "meme" or (name == "mmvae" and k != "likelihood_weights"))]
+    knobs = {
+        "kl_warmup": model_cfg.kl_warmup != UNSET,
+        "kl_weight": model_cfg.kl_weight != UNSET,
+        "likelihood_weights": bool(model_cfg.likelihood_weights),
+    }
+    unused = [
+        k for k, set_ in knobs.items() if set_ and (name == "meme" or (name == "mmvae" and k != "likelihood_weights"))
+    ]
     if unused:  # a knob the model has no use for would be silently ignored
-        raise ValueError(f"model.{unused[0]} does not apply to model {name!r} (MMVAE's bound has no KL term; "
-                         "MEME has no recipe knobs)")  # fmt: skip
+        raise ValueError(
+            f"model.{unused[0]} does not apply to model {name!r} (MMVAE's bound has no KL term; "
+            "MEME has no recipe knobs)"
+        )
     if name == "meme":
         return Recipe()
     recipe = paper_recipe(name, specs) if model_cfg.recipe == "paper" else Recipe()
@@ -77,8 +84,10 @@ def resolve_recipe(model_cfg, specs: list[ModalitySpec]) -> Recipe:
         raise ValueError(f"model.kl_weight must be >= 0, got {weight}")
     weights = tuple(model_cfg.likelihood_weights) if knobs["likelihood_weights"] else recipe.likelihood_weights
     if weights and (len(weights) != len(specs) or min(weights) <= 0):
-        raise ValueError(f"model.likelihood_weights needs one positive weight per modality "
-                         f"({[s.name for s in specs]}), got {list(weights)}")  # fmt: skip
+        raise ValueError(
+            f"model.likelihood_weights needs one positive weight per modality "
+            f"({[s.name for s in specs]}), got {list(weights)}"
+        )
     return Recipe(weights, weight, warmup, recipe.full_set_prior_expert)
 
 

@@ -22,11 +22,15 @@ def main(argv: list[str] | None = None) -> int:
         return trial_process(a.trial_process, a.report_fd, a.parent_pid)
     from . import __doc__ as sweep_format  # the package docstring documents the sweep file
 
-    parser = argparse.ArgumentParser(prog="meme-scale tune", description=sweep_format,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="meme-scale tune", description=sweep_format, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="sweep file (see configs/sweeps/)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted sweep (finished and failed trials are not run again)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep (finished and failed trials are not run again)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training keys fixed for every trial")
     args = parser.parse_args(argv)
     try:

@@ -17,10 +17,15 @@ def _param_space(space: dict[str, dict]) -> dict:
 
     out = {}
     for key, entry in space.items():
-        (kind, value), = entry.items()
-        out[key] = {"grid": lambda v: tune.grid_search(list(v)), "choice": lambda v: tune.choice(list(v)),
-                    "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
-                    "randint": lambda v: tune.randint(*v), "value": lambda v: v}[kind](value)  # fmt: skip
+        ((kind, value),) = entry.items()
+        out[key] = {
+            "grid": lambda v: tune.grid_search(list(v)),
+            "choice": lambda v: tune.choice(list(v)),
+            "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v),
+            "value": lambda v: v,
+        }[kind](value)
     return out
 
 
@@ -34,15 +39,23 @@ def _scheduler(sweep: Sweep, plan: Plan):
     if s["name"] == "fifo":
         return FIFOScheduler()
     if s["name"] == "asha":  # stop_last_trials=False: a trial reaching max_t ends its run itself (export, summary)
-        return ASHAScheduler(time_attr=time_attr, max_t=s.get("max_t") or horizon,
-                             grace_period=s.get("grace_period") or unit, reduction_factor=s.get("reduction_factor", 2),
-                             brackets=s.get("brackets", 1), stop_last_trials=False)  # fmt: skip
+        return ASHAScheduler(
+            time_attr=time_attr,
+            max_t=s.get("max_t") or horizon,
+            grace_period=s.get("grace_period") or unit,
+            reduction_factor=s.get("reduction_factor", 2),
+            brackets=s.get("brackets", 1),
+            stop_last_trials=False,
+        )
     mutations = _param_space({k: space_entry(sweep.path, k, v) for k, v in s["hyperparam_mutations"].items()})
-    return PopulationBasedTraining(time_attr=time_attr,
-                                   perturbation_interval=s.get("perturbation_interval") or 2 * unit,
-                                   hyperparam_mutations=mutations, quantile_fraction=s.get("quantile_fraction", 0.25),
-                                   resample_probability=s.get("resample_probability", 0.25),
-                                   burn_in_period=s.get("burn_in_period", 0))  # fmt: skip
+    return PopulationBasedTraining(
+        time_attr=time_attr,
+        perturbation_interval=s.get("perturbation_interval") or 2 * unit,
+        hyperparam_mutations=mutations,
+        quantile_fraction=s.get("quantile_fraction", 0.25),
+        resample_probability=s.get("resample_probability", 0.25),
+        burn_in_period=s.get("burn_in_period", 0),
+    )
 
 
 def _trial_dirname(trial) -> str:
@@ -67,18 +80,36 @@ def _connect_ray(sweep: Sweep) -> bool:
 def _parent_run(sweep: Sweep, plan: Plan, state: dict):
     from ..tracking import open_tracker
 
-    tracker = open_tracker(True, sweep.uri(), sweep.exp_dir, plan.experiment, f"sweep/{sweep.name}",
-                           run_id=state.get("parent_run_id"),
-                           tags={"meme_scale.sweep": sweep.name, "meme_scale.kind": "sweep"})  # fmt: skip
+    tracker = open_tracker(
+        True,
+        sweep.uri(),
+        sweep.exp_dir,
+        plan.experiment,
+        f"sweep/{sweep.name}",
+        run_id=state.get("parent_run_id"),
+        tags={"meme_scale.sweep": sweep.name, "meme_scale.kind": "sweep"},
+    )
     if not state.get("parent_run_id"):
-        tracker.log_params({"sweep.name": sweep.name, "sweep.base": sweep.base, "sweep.metric": sweep.metric,
-                            "sweep.mode": sweep.mode, "sweep.scheduler": json.dumps(sweep.scheduler),
-                            "sweep.num_samples": sweep.num_samples, "sweep.max_failures": sweep.max_failures,
-                            "sweep.resources": json.dumps({"cpus_per_trial": sweep.cpus_per_trial,
-                                                           "gpus_per_trial": sweep.gpus_per_trial,
-                                                           "ranks_per_trial": sweep.ranks_per_trial}),
-                            "sweep.search_space": json.dumps(sweep.search_space),
-                            **{f"fixed.{k}": v for k, v in plan.fixed.items()}})  # fmt: skip
+        tracker.log_params(
+            {
+                "sweep.name": sweep.name,
+                "sweep.base": sweep.base,
+                "sweep.metric": sweep.metric,
+                "sweep.mode": sweep.mode,
+                "sweep.scheduler": json.dumps(sweep.scheduler),
+                "sweep.num_samples": sweep.num_samples,
+                "sweep.max_failures": sweep.max_failures,
+                "sweep.resources": json.dumps(
+                    {
+                        "cpus_per_trial": sweep.cpus_per_trial,
+                        "gpus_per_trial": sweep.gpus_per_trial,
+                        "ranks_per_trial": sweep.ranks_per_trial,
+                    }
+                ),
+                "sweep.search_space": json.dumps(sweep.search_space),
+                **{f"fixed.{k}": v for k, v in plan.fixed.items()},
+            }
+        )
         tracker.log_artifact(sweep.path, "sweep")
     return tracker
 
@@ -92,8 +123,9 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
     if resume and not exists:
         raise SweepError(f"--resume: no sweep to resume in {exp_dir} (run it once without --resume)")
     if not resume and exists:
-        raise SweepError(f"{exp_dir} already holds sweep {sweep.name!r}: pass --resume to continue it, "
-                         "or change 'name' or 'storage'")  # fmt: skip
+        raise SweepError(
+            f"{exp_dir} already holds sweep {sweep.name!r}: pass --resume to continue it, or change 'name' or 'storage'"
+        )
     exp_dir.mkdir(parents=True, exist_ok=True)
     state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
 
@@ -105,21 +137,41 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
         try:
             state.update(parent_run_id=parent.run_id, tracking_uri=sweep.uri(), experiment=plan.experiment)
             state_file.write_text(json.dumps(state, indent=2))
-            setup = TrialSetup(sweep.name, str(sweep.base), plan.fixed, plan.internal, str(sweep.runs_dir),
-                               str(exp_dir), sweep.uri(), plan.experiment, parent.run_id, sweep.metric,
-                               sweep.ranks_per_trial, float(sweep.cpus_per_trial),
-                               float(sweep.gpus_per_trial))  # fmt: skip
+            setup = TrialSetup(
+                sweep.name,
+                str(sweep.base),
+                plan.fixed,
+                plan.internal,
+                str(sweep.runs_dir),
+                str(exp_dir),
+                sweep.uri(),
+                plan.experiment,
+                parent.run_id,
+                sweep.metric,
+                sweep.ranks_per_trial,
+                float(sweep.cpus_per_trial),
+                float(sweep.gpus_per_trial),
+            )
             if sweep.ranks_per_trial == 1:
                 resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
             else:  # the trial only drives a TorchTrainer; its workers hold the resources
                 resources = {"cpu": 0.01}
             trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
             if resume:
-                tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                           resume_errored=False, restart_errored=False)  # fmt: skip
+                tuner = tune.Tuner.restore(
+                    str(exp_dir),
+                    trainable=trainable,
+                    resume_unfinished=True,
+                    resume_errored=False,
+                    restart_errored=False,
+                )
             else:
-                tuner = tune.Tuner(trainable, param_space=_param_space(sweep.search_space),
-                                   tune_config=_tune_config(sweep, plan), run_config=_run_config(sweep))  # fmt: skip
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=_param_space(sweep.search_space),
+                    tune_config=_tune_config(sweep, plan),
+                    run_config=_run_config(sweep),
+                )
             tuner.fit()
             summary = summarize(sweep, plan, state, parent)
         except BaseException:
@@ -141,17 +193,25 @@ def _tune_config(sweep: Sweep, plan: Plan):
     concurrent = sweep.max_concurrent_trials or None
     if concurrent is None and sweep.ranks_per_trial > 1:  # trials hold no CPUs themselves: bound them by the cluster
         concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // max(sweep.cpus_per_trial, 1e-9)))
-    return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=_scheduler(sweep, plan),
-                           search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent or 0),
-                           num_samples=sweep.num_samples, trial_dirname_creator=_trial_dirname,
-                           trial_name_creator=_trial_dirname)  # fmt: skip
+    return tune.TuneConfig(
+        metric=sweep.metric,
+        mode=sweep.mode,
+        scheduler=_scheduler(sweep, plan),
+        search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent or 0),
+        num_samples=sweep.num_samples,
+        trial_dirname_creator=_trial_dirname,
+        trial_name_creator=_trial_dirname,
+    )
 
 
 def _run_config(sweep: Sweep):
     from ray import tune
 
     keep = 4 if sweep.scheduler["name"] == "pbt" else 2  # PBT restores from a donor's checkpoint a while later
-    return tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage),
-                          failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), verbose=1)  # fmt: skip
-
+    return tune.RunConfig(
+        name=sweep.name,
+        storage_path=str(sweep.storage),
+        failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+        verbose=1,
+    )

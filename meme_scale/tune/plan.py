@@ -28,8 +28,10 @@ def validate(sweep: Sweep) -> Plan:
     where = str(sweep.path)
     for key in list(sweep.overrides) + list(sweep.search_space):
         if key in TUNE_OWNED:
-            raise SweepError(f"{where}: key {key!r} is set by the sweep for each trial (run dirs live under "
-                             f"{sweep.runs_dir}); remove it")  # fmt: skip
+            raise SweepError(
+                f"{where}: key {key!r} is set by the sweep for each trial (run dirs live under "
+                f"{sweep.runs_dir}); remove it"
+            )
     try:
         base_cfg = load_config(sweep.base, override_list(sweep.overrides))
     except ConfigError as e:
@@ -53,8 +55,10 @@ def validate(sweep: Sweep) -> Plan:
     mutations = sweep.scheduler.get("hyperparam_mutations") or {}
     if sweep.scheduler["name"] == "pbt":
         if not isinstance(mutations, dict) or not mutations:
-            raise SweepError(f"{where}: key 'scheduler.hyperparam_mutations' is required for pbt "
-                             "(e.g. {optim.lr: {loguniform: [1.0e-4, 1.0e-2]}})")  # fmt: skip
+            raise SweepError(
+                f"{where}: key 'scheduler.hyperparam_mutations' is required for pbt "
+                "(e.g. {optim.lr: {loguniform: [1.0e-4, 1.0e-2]}})"
+            )
         for key, spec in mutations.items():
             if key not in sweep.search_space:
                 raise SweepError(f"{where}: key 'scheduler.hyperparam_mutations.{key}' must also be in search_space")
@@ -71,13 +75,23 @@ def validate(sweep: Sweep) -> Plan:
         internal["run.checkpoint_every"] = base_cfg.run.eval_every  # a checkpoint for every report: exact resumes, PBT
     time_attr = sweep.scheduler.get("time_attr", "step")
     if time_attr not in ("step", "training_iteration"):
-        raise SweepError(f"{where}: key 'scheduler.time_attr' must be 'step' or 'training_iteration', "
-                         f"got {time_attr!r}")  # fmt: skip
+        raise SweepError(
+            f"{where}: key 'scheduler.time_attr' must be 'step' or 'training_iteration', got {time_attr!r}"
+        )
     if sweep.ranks_per_trial > 1 and sweep.scheduler["name"] == "pbt":
-        raise SweepError(f"{where}: scheduler 'pbt' needs one-process trials (resources.ranks_per_trial: 1): "
-                         "multi-rank trials resume from their own run dir, not from Ray checkpoints")  # fmt: skip
-    return Plan(base_cfg, fixed, internal, reported, max(steps), base_cfg.run.eval_every,
-                sweep.experiment or base_cfg.run.experiment)  # fmt: skip
+        raise SweepError(
+            f"{where}: scheduler 'pbt' needs one-process trials (resources.ranks_per_trial: 1): "
+            "multi-rank trials resume from their own run dir, not from Ray checkpoints"
+        )
+    return Plan(
+        base_cfg,
+        fixed,
+        internal,
+        reported,
+        max(steps),
+        base_cfg.run.eval_every,
+        sweep.experiment or base_cfg.run.experiment,
+    )
 
 
 def reported_metrics(cfg: Config) -> set[str]:
@@ -94,8 +108,9 @@ def reported_metrics(cfg: Config) -> set[str]:
 
     meta = read_meta(cfg.data.root)
     model = build_model(cfg.model, modality_specs(cfg.model, meta)).eval()
-    batch = next(iter(eval_batches(cfg.data.root, cfg.data.eval_split, 2, modalities=list(model.names), rank=0,
-                                   world_size=1)))  # fmt: skip
+    batch = next(
+        iter(eval_batches(cfg.data.root, cfg.data.eval_split, 2, modalities=list(model.names), rank=0, world_size=1))
+    )
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         _, terms = model.loss(to_device(batch, torch.device("cpu")))
     names = {"step", "eval/loss", *(f"eval/{k}" for k, (_, count) in terms.items() if count > 0)}
@@ -116,12 +131,15 @@ def _metric_check(sweep: Sweep, variants: list[tuple[str, Config]]) -> set[str]:
             hint = ""
             if "coherence" in sweep.metric:
                 folder = getattr(getattr(cfg, "eval", None), "classifiers", "") or Path(cfg.data.root) / "classifiers"
-                hint = (f" Coherence needs a classifier per modality in {folder} (python tools/train_classifiers.py"
-                        f" --shards {cfg.data.root}), or choose another metric, e.g. 'metric: eval/loss'.")  # fmt: skip
-            raise SweepError(f"{where}: key 'metric': training never reports {sweep.metric!r} with {label} "
-                             f"(it reports: {', '.join(sorted(names))}).{hint}")  # fmt: skip
+                hint = (
+                    f" Coherence needs a classifier per modality in {folder} (python tools/train_classifiers.py"
+                    f" --shards {cfg.data.root}), or choose another metric, e.g. 'metric: eval/loss'."
+                )
+            raise SweepError(
+                f"{where}: key 'metric': training never reports {sweep.metric!r} with {label} "
+                f"(it reports: {', '.join(sorted(names))}).{hint}"
+            )
         common = names if common is None else common & names
     if common is None:
         raise SweepError(f"{where}: the base config does not build a model: {variants[0][1].model.name}")
     return common
-

@@ -9,8 +9,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..config import load_config
 from .record import TrialRecord, ensure_child_run, mark_failed
@@ -24,8 +24,13 @@ class TrialFailed(RuntimeError):
         self.tracked = tracked  # the training process already marked its MLflow run FAILED
 
 
-def run_training_process(cfg_path: Path, run_dir: Path, dist_env: dict[str, str],
-                         on_report: Callable[[dict, int, subprocess.Popen], None], final_step: int) -> dict:  # fmt: skip
+def run_training_process(
+    cfg_path: Path,
+    run_dir: Path,
+    dist_env: dict[str, str],
+    on_report: Callable[[dict, int, subprocess.Popen], None],
+    final_step: int,
+) -> dict:
     """Runs loop.run in a child process and relays its reports; kills it if this trial is stopped.
 
     The report of the final step waits until the run has finished (export, summary, MLflow status),
@@ -33,11 +38,23 @@ def run_training_process(cfg_path: Path, run_dir: Path, dist_env: dict[str, str]
     """
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very copy of meme_scale
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # never requeue the sweep's job
-    env.update(dist_env, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p))  # fmt: skip
+    env.update(
+        dist_env,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p),
+    )
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "meme_scale.tune", "--trial-process", str(cfg_path), "--report-fd", str(write_fd),
-           "--parent-pid", str(os.getpid())]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "meme_scale.tune",
+        "--trial-process",
+        str(cfg_path),
+        "--report-fd",
+        str(write_fd),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
     with open(run_dir / "train.log", "ab") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} rank {dist_env['RANK']}: {' '.join(cmd)}\n".encode())
         log.flush()
@@ -70,10 +87,13 @@ def run_training_process(cfg_path: Path, run_dir: Path, dist_env: dict[str, str]
             proc.wait()
     log_tail = tail(run_dir / "train.log")
     if outcome.get("type") == "error":
-        raise TrialFailed(f"{outcome['error']}\n--- end of {run_dir / 'train.log'} ---\n{log_tail}",
-                          outcome.get("tracked", False))  # fmt: skip
-    raise TrialFailed(f"the training process exited with code {code} without a result\n"
-                      f"--- end of {run_dir / 'train.log'} ---\n{log_tail}")  # fmt: skip
+        raise TrialFailed(
+            f"{outcome['error']}\n--- end of {run_dir / 'train.log'} ---\n{log_tail}", outcome.get("tracked", False)
+        )
+    raise TrialFailed(
+        f"the training process exited with code {code} without a result\n"
+        f"--- end of {run_dir / 'train.log'} ---\n{log_tail}"
+    )
 
 
 def _report_finished_run(run_dir: Path, proc: subprocess.Popen, on_report) -> None:
@@ -125,8 +145,15 @@ def trial_process(config_path: str, report_fd: int, parent_pid: int) -> int:
         from ..loop import run
 
         # optim_from_config: PBT's explore changes optim.lr, and the checkpoint would restore the old one
-        summary = run(cfg, resume="auto", run_id=run_id, optim_from_config=True, report=lambda metrics, step: send(
-            {"type": "report", "step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}}))  # fmt: skip
+        summary = run(
+            cfg,
+            resume="auto",
+            run_id=run_id,
+            optim_from_config=True,
+            report=lambda metrics, step: send(
+                {"type": "report", "step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}}
+            ),
+        )
         if record is not None:
             log = Path(cfg.run.dir) / "train.log"
             update_run(record.tracking_uri, record.mlflow_run_id, text={"logs/train.log": tail(log, 5000)})
@@ -143,4 +170,3 @@ def trial_process(config_path: str, report_fd: int, parent_pid: int) -> int:
             mark_failed(record, message, tb, Path(record.path).parent)
         send({"type": "error", "error": message, "traceback": tb, "tracked": bool(record and record.mlflow_run_id)})
         return 1
-

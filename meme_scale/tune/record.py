@@ -48,9 +48,13 @@ def ensure_child_run(cfg: Config, record: TrialRecord) -> str:
 
     if record.mlflow_run_id:
         return record.mlflow_run_id
-    tags = {"mlflow.parentRunId": record.parent_run_id, "meme_scale.sweep": record.sweep,
-            "meme_scale.trial_id": record.trial_id, "model": cfg.model.name,
-            "world_size": record.world_size}  # fmt: skip
+    tags = {
+        "mlflow.parentRunId": record.parent_run_id,
+        "meme_scale.sweep": record.sweep,
+        "meme_scale.trial_id": record.trial_id,
+        "model": cfg.model.name,
+        "world_size": record.world_size,
+    }
     tracker = open_tracker(True, record.tracking_uri, cfg.run.dir, record.experiment, cfg.run.run_name, tags=tags)
     tracker.log_params(flatten(cfg))  # the same strings loop.run logs, so its own log_params agrees
     record.mlflow_run_id = tracker.run_id
@@ -70,8 +74,12 @@ def mark_failed(record: TrialRecord, message: str, tb: str, run_dir: Path) -> No
         if log.is_file():
             text["logs/train.log"] = log.read_text(errors="replace")[-200_000:]
         first = message.strip().splitlines()[0] if message.strip() else "unknown error"
-        update_run(record.tracking_uri, record.mlflow_run_id, status="FAILED", text=text,
-                   tags={"tune.error": first, "tune.attempts": record.attempts})  # fmt: skip
+        update_run(
+            record.tracking_uri,
+            record.mlflow_run_id,
+            status="FAILED",
+            text=text,
+            tags={"tune.error": first, "tune.attempts": record.attempts},
+        )
     except Exception:  # tracking trouble must not hide the training error
         traceback.print_exc()
-

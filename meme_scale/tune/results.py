@@ -35,11 +35,26 @@ def _trial_rows(sweep: Sweep, plan: Plan) -> list[dict]:
             status = "interrupted"
         error = record.errors[-1]["error"].splitlines()[0] if record.errors and status == "failed" else ""
         value = last.get(sweep.metric)
-        rows.append({"trial_id": trial.trial_id, "status": status, "config": config, "step": step, "value": value,
-                     "attempts": record.attempts, "mlflow_run_id": record.mlflow_run_id, "error": error})  # fmt: skip
+        rows.append(
+            {
+                "trial_id": trial.trial_id,
+                "status": status,
+                "config": config,
+                "step": step,
+                "value": value,
+                "attempts": record.attempts,
+                "mlflow_run_id": record.mlflow_run_id,
+                "error": error,
+            }
+        )
     sign = -1 if sweep.mode == "max" else 1
-    rows.sort(key=lambda r: (r["value"] is None or r["status"] == "failed",
-                             sign * r["value"] if r["value"] is not None else 0, r["trial_id"]))  # fmt: skip
+    rows.sort(
+        key=lambda r: (
+            r["value"] is None or r["status"] == "failed",
+            sign * r["value"] if r["value"] is not None else 0,
+            r["trial_id"],
+        )
+    )
     return rows
 
 
@@ -55,8 +70,11 @@ def summarize(sweep: Sweep, plan: Plan, state: dict, parent) -> dict:
         if not r["mlflow_run_id"]:
             continue
         status = {"completed": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED"}.get(r["status"], "KILLED")
-        tags = {"tune.status": r["status"], "tune.stopped_early": str(r["status"] == "stopped early").lower(),
-                "tune.attempts": r["attempts"]}  # fmt: skip
+        tags = {
+            "tune.status": r["status"],
+            "tune.stopped_early": str(r["status"] == "stopped early").lower(),
+            "tune.attempts": r["attempts"],
+        }
         if r["value"] is not None:
             tags["tune.final_metric"] = f"{sweep.metric}={r['value']:.6g}"
         log = sweep.runs_dir / r["trial_id"] / "train.log"  # trials stopped early never uploaded theirs
@@ -65,9 +83,13 @@ def summarize(sweep: Sweep, plan: Plan, state: dict, parent) -> dict:
 
     table = _table(rows, keys, sweep)
     (exp_dir / "results.md").write_text(
-        f"# Sweep `{sweep.name}`: {sweep.metric} ({sweep.mode})\n\n{_markdown(table)}\n")  # fmt: skip
-    (exp_dir / "results.json").write_text(json.dumps({"sweep": sweep.name, "metric": sweep.metric, "mode": sweep.mode,
-                                                      "trials": rows}, indent=2, default=str))  # fmt: skip
+        f"# Sweep `{sweep.name}`: {sweep.metric} ({sweep.mode})\n\n{_markdown(table)}\n"
+    )
+    (exp_dir / "results.json").write_text(
+        json.dumps(
+            {"sweep": sweep.name, "metric": sweep.metric, "mode": sweep.mode, "trials": rows}, indent=2, default=str
+        )
+    )
     plot = _plot(rows, sweep, plan, exp_dir / PLOT_NAME)
     scored = [r for r in rows if r["value"] is not None and r["status"] != "failed"]
     best = next((r for r in scored if r["status"] == "completed"), scored[0] if scored else None)  # a full run first
@@ -80,21 +102,29 @@ def summarize(sweep: Sweep, plan: Plan, state: dict, parent) -> dict:
         if path is not None:
             parent.log_artifact(path, "summary")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped early", "failed", "interrupted")}
-    parent.log_metrics({"trials": len(rows), **{f"trials_{k.replace(' ', '_')}": v for k, v in counts.items()}},
-                       step=0)  # fmt: skip
+    parent.log_metrics({"trials": len(rows), **{f"trials_{k.replace(' ', '_')}": v for k, v in counts.items()}}, step=0)
     if best is not None:
         parent.log_metrics({f"best/{sweep.metric}": best["value"]}, step=0)
         parent.set_tags({"best_trial": best["trial_id"], "best_mlflow_run_id": best["mlflow_run_id"] or ""})
-        print(f"\nbest trial {best['trial_id']}: {sweep.metric}={best['value']:.6g} at step {best['step']} "
-              f"(mlflow run {best['mlflow_run_id']})\nbest config: {best_path}\n{best_path.read_text()}")  # fmt: skip
+        print(
+            f"\nbest trial {best['trial_id']}: {sweep.metric}={best['value']:.6g} at step {best['step']} "
+            f"(mlflow run {best['mlflow_run_id']})\nbest config: {best_path}\n{best_path.read_text()}"
+        )
     if interrupted:
         print(f"\nthe sweep was interrupted; continue it with: meme-scale tune --config {sweep.path} --resume")
     parent.finish("KILLED" if interrupted else "FINISHED")
     print(f"results: {exp_dir / 'results.md'}; plot: {plot}; mlflow: {sweep.uri()} (parent run {parent.run_id})")
-    return {"rows": rows, "best": best, "best_config": str(best_path) if best_path else None,
-            "results_md": str(exp_dir / "results.md"), "plot": str(plot) if plot else None,
-            "parent_run_id": parent.run_id, "tracking_uri": sweep.uri(), "interrupted": interrupted,
-            "counts": counts}  # fmt: skip
+    return {
+        "rows": rows,
+        "best": best,
+        "best_config": str(best_path) if best_path else None,
+        "results_md": str(exp_dir / "results.md"),
+        "plot": str(plot) if plot else None,
+        "parent_run_id": parent.run_id,
+        "tracking_uri": sweep.uri(),
+        "interrupted": interrupted,
+        "counts": counts,
+    }
 
 
 def _table(rows: list[dict], keys: list[str], sweep: Sweep) -> list[list[str]]:
@@ -103,9 +133,18 @@ def _table(rows: list[dict], keys: list[str], sweep: Sweep) -> list[list[str]]:
     for i, r in enumerate(rows, 1):
         value = f"{r['value']:.6g}" if r["value"] is not None else "-"
         status = r["status"] + (f": {r['error'][:60]}" if r["error"] else "")
-        body.append([str(i), r["trial_id"], status, *(_fmt(r["config"].get(k)) for k in keys),
-                     str(r["step"] if r["step"] is not None else "-"), value, str(r["attempts"]),
-                     r["mlflow_run_id"] or "-"])  # fmt: skip
+        body.append(
+            [
+                str(i),
+                r["trial_id"],
+                status,
+                *(_fmt(r["config"].get(k)) for k in keys),
+                str(r["step"] if r["step"] is not None else "-"),
+                value,
+                str(r["attempts"]),
+                r["mlflow_run_id"] or "-",
+            ]
+        )
     return [head, *body]
 
 
@@ -169,15 +208,20 @@ def _plot(rows: list[dict], sweep: Sweep, plan: Plan, path: Path) -> Path | None
 def _write_best_config(sweep: Sweep, plan: Plan, best: dict, state: dict) -> Path:
     """The best trial's training config, ready for ``meme-scale train --config`` (a fresh run dir)."""
     values = {k: v for k, v in best["config"].items()}
-    own = {"run.dir": str(sweep.exp_dir / "best_run"), "run.tracking_uri": state.get("tracking_uri", sweep.uri()),
-           "run.experiment": plan.experiment, "run.run_name": f"{sweep.name}/best"}  # fmt: skip
+    own = {
+        "run.dir": str(sweep.exp_dir / "best_run"),
+        "run.tracking_uri": state.get("tracking_uri", sweep.uri()),
+        "run.experiment": plan.experiment,
+        "run.run_name": f"{sweep.name}/best",
+    }
     cfg = load_config(sweep.base, override_list({**plan.fixed, **values, **own}))
-    header = (f"# Best trial of sweep {sweep.name!r} ({sweep.path}): {best['trial_id']}, {sweep.metric}="
-              f"{best['value']:.6g} ({sweep.mode}) at step {best['step']}; mlflow run {best['mlflow_run_id']}.\n"
-              f"# Train it: meme-scale train --config {sweep.exp_dir / 'best_config.yaml'}\n"
-              f"#       or: deepspeed meme_scale/train.py --config {sweep.exp_dir / 'best_config.yaml'}\n"
-              f"# Search values: {', '.join(f'{k}={_fmt(v)}' for k, v in values.items())}\n")  # fmt: skip
+    header = (
+        f"# Best trial of sweep {sweep.name!r} ({sweep.path}): {best['trial_id']}, {sweep.metric}="
+        f"{best['value']:.6g} ({sweep.mode}) at step {best['step']}; mlflow run {best['mlflow_run_id']}.\n"
+        f"# Train it: meme-scale train --config {sweep.exp_dir / 'best_config.yaml'}\n"
+        f"#       or: deepspeed meme_scale/train.py --config {sweep.exp_dir / 'best_config.yaml'}\n"
+        f"# Search values: {', '.join(f'{k}={_fmt(v)}' for k, v in values.items())}\n"
+    )
     path = sweep.exp_dir / "best_config.yaml"
     path.write_text(header + dump_yaml(cfg))
     return path
-

@@ -18,6 +18,8 @@ TUNE_OWNED = ("run.dir", "run.tracking_uri", "run.experiment", "run.run_name")  
 MARKER = "meme_scale.json"  # checkpoint.MARKER: a step_* dir with it is complete (not imported: it pulls in torch)
 TRIAL_RECORD = "tune_trial.json"
 PLOT_NAME = "metric_vs_pseudo_samples.png"
+
+
 class SweepError(ValueError):
     """A sweep file problem, found before any trial starts; names the key and the file."""
 
@@ -156,14 +158,27 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise SweepError(f"{path}: key 'name' may hold letters, digits, '-', '_' and '.' only, got {name!r}")
     return Sweep(
-        path=path, name=name, base=base.resolve(), overrides=fixed, search_space=space,
-        metric=f.metric or DEFAULT_METRIC, mode=f.mode or _default_mode(f.metric), num_samples=f.num_samples,
-        seed=f.seed, scheduler=scheduler, cpus_per_trial=f.resources.cpus_per_trial,
-        gpus_per_trial=f.resources.gpus_per_trial, ranks_per_trial=f.resources.ranks_per_trial,
-        max_concurrent_trials=f.max_concurrent_trials, max_failures=f.max_failures,
-        storage=Path(f.storage or "runs/sweeps").resolve(), tracking_uri=f.tracking_uri, experiment=f.experiment,
-        ray_address=f.ray.address, ray_num_cpus=f.ray.num_cpus,
-    )  # fmt: skip
+        path=path,
+        name=name,
+        base=base.resolve(),
+        overrides=fixed,
+        search_space=space,
+        metric=f.metric or DEFAULT_METRIC,
+        mode=f.mode or _default_mode(f.metric),
+        num_samples=f.num_samples,
+        seed=f.seed,
+        scheduler=scheduler,
+        cpus_per_trial=f.resources.cpus_per_trial,
+        gpus_per_trial=f.resources.gpus_per_trial,
+        ranks_per_trial=f.resources.ranks_per_trial,
+        max_concurrent_trials=f.max_concurrent_trials,
+        max_failures=f.max_failures,
+        storage=Path(f.storage or "runs/sweeps").resolve(),
+        tracking_uri=f.tracking_uri,
+        experiment=f.experiment,
+        ray_address=f.ray.address,
+        ray_num_cpus=f.ray.num_cpus,
+    )
 
 
 def _default_mode(metric: str | None) -> str:
@@ -181,18 +196,25 @@ def space_entry(path: Path, key: str, spec: Any) -> dict:
     if not isinstance(spec, dict):
         return {"value": spec}
     if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
-        raise SweepError(f"{path}: search_space key {key!r} must be a value, a list or one of "
-                         f"{{{', '.join(f'{k}: ...' for k in SPACE_KINDS)}}}, got {spec!r}")  # fmt: skip
-    (kind, value), = spec.items()
+        raise SweepError(
+            f"{path}: search_space key {key!r} must be a value, a list or one of "
+            f"{{{', '.join(f'{k}: ...' for k in SPACE_KINDS)}}}, got {spec!r}"
+        )
+    ((kind, value),) = spec.items()
     if kind in ("grid", "choice"):
         if not isinstance(value, list) or not value:
             raise SweepError(f"{path}: search_space key {key!r}: {kind} needs a non-empty list, got {value!r}")
     else:
-        ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                  for v in value)  # fmt: skip
+        ok = (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        )
         if not ok or value[0] >= value[1] or (kind == "loguniform" and value[0] <= 0):
-            raise SweepError(f"{path}: search_space key {key!r}: {kind} needs [low, high] with low < high"
-                             f"{' and low > 0' if kind == 'loguniform' else ''}, got {value!r}")  # fmt: skip
+            raise SweepError(
+                f"{path}: search_space key {key!r}: {kind} needs [low, high] with low < high"
+                f"{' and low > 0' if kind == 'loguniform' else ''}, got {value!r}"
+            )
         if kind == "randint" and not all(isinstance(v, int) for v in value):
             raise SweepError(f"{path}: search_space key {key!r}: randint needs integer bounds, got {value!r}")
     return {kind: value}
@@ -200,7 +222,7 @@ def space_entry(path: Path, key: str, spec: Any) -> dict:
 
 def candidates(entry: dict) -> list:
     """Values a trial can get from one search-space entry that are worth checking up front."""
-    (kind, value), = entry.items()
+    ((kind, value),) = entry.items()
     if kind in ("grid", "choice"):
         return list(value)
     if kind == "value":
@@ -222,4 +244,3 @@ def plain(value: Any) -> Any:
 
 def override_list(values: dict[str, Any]) -> list[str]:
     return [f"{k}={_scalar(plain(v))}" for k, v in values.items()]
-

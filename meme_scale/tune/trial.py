@@ -39,8 +39,12 @@ class TrialSetup:
 
 
 def trial_config(setup: TrialSetup, values: dict[str, Any], run_dir: Path, trial_id: str) -> Config:
-    own = {"run.dir": str(run_dir), "run.tracking_uri": setup.tracking_uri, "run.experiment": setup.experiment,
-           "run.run_name": f"{setup.sweep_name}/{trial_id}"}  # fmt: skip
+    own = {
+        "run.dir": str(run_dir),
+        "run.tracking_uri": setup.tracking_uri,
+        "run.experiment": setup.experiment,
+        "run.run_name": f"{setup.sweep_name}/{trial_id}",
+    }
     return load_config(setup.base, override_list({**setup.fixed, **setup.internal, **values, **own}))
 
 
@@ -78,7 +82,6 @@ def run_trial(config: dict, setup: TrialSetup) -> None:
         if not getattr(e, "tracked", False):
             mark_failed(record, message, traceback.format_exc(), run_dir)
         raise
-
 
 
 def _newest_tag(ckpt_dir: Path) -> str | None:
@@ -127,8 +130,14 @@ def _one_process(cfg: Config, cfg_path: Path, run_dir: Path, metric: str) -> Non
     from ray import tune
 
     ckpt_dir = run_dir / "checkpoints"
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port(""))}  # fmt: skip
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port("")),
+    }
 
     def on_report(metrics: dict, step: int, proc: subprocess.Popen) -> None:
         _check_metric(metrics, metric, step)
@@ -181,12 +190,20 @@ def _ranks(cfg: Config, cfg_path: Path, run_dir: Path, setup: TrialSetup, trial_
         per_rank["GPU"] = setup.gpus / setup.ranks
     trainer = TorchTrainer(
         rank_worker,
-        train_loop_config={"config_path": str(cfg_path), "run_dir": str(run_dir), "metric": setup.metric,
-                           "max_steps": cfg.train.max_steps},  # fmt: skip
+        train_loop_config={
+            "config_path": str(cfg_path),
+            "run_dir": str(run_dir),
+            "metric": setup.metric,
+            "max_steps": cfg.train.max_steps,
+        },
         scaling_config=ScalingConfig(num_workers=setup.ranks, use_gpu=setup.gpus > 0, resources_per_worker=per_rank),
-        run_config=RunConfig(name=trial_id, storage_path=str(Path(setup.exp_dir) / "train"),
-                             callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=0)),
-    )  # fmt: skip
+        run_config=RunConfig(
+            name=trial_id,
+            storage_path=str(Path(setup.exp_dir) / "train"),
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
     trainer.fit()
 
 
@@ -203,9 +220,14 @@ def rank_worker(loop_config: dict) -> None:
         restore_checkpoint(ray.train.get_checkpoint(), run_dir, cfg, TrialRecord.load(run_dir))
     box = [free_port("") if rank == 0 else None]  # training gets its own process group, beside Ray Train's
     dist.broadcast_object_list(box, src=0)
-    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(ctx.get_local_rank()),
-           "LOCAL_SIZE": str(ctx.get_local_world_size()), "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-           "MASTER_PORT": str(box[0])}  # fmt: skip
+    env = {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(ctx.get_local_rank()),
+        "LOCAL_SIZE": str(ctx.get_local_world_size()),
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": str(box[0]),
+    }
 
     def on_report(metrics: dict, step: int, proc: subprocess.Popen) -> None:
         _check_metric(metrics, loop_config["metric"], step)
@@ -214,4 +236,3 @@ def rank_worker(loop_config: dict) -> None:
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)  # every rank reports: Ray syncs them
 
     run_training_process(cfg_path, run_dir, env, on_report, cfg.train.max_steps)
-

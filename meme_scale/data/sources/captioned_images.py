@@ -112,7 +112,7 @@ def build_from_images(out: str, images: str, captions: str, *, name: str, test_f
               "captions": os.path.abspath(captions), "split": f"by image, seeded, test_fraction={test_fraction}",
               "labels": "first folder" if by_folder else None, "image": f"RGB resized to {image_size}x{image_size}",
               "seed": seed, "images_per_split": {s: sum(1 for i in idx if items[i] in loaded) for s, idx in
-                                                 (("train", tr), ("test", te))}}  # fmt: skip
+                                                 (("train", tr), ("test", te))}}
     label_of = {n: i for i, n in enumerate(label_names or [])}
     writer = ShardWriter(out, name, modalities, label_names, samples_per_shard=shard_size, source=source,
                          overwrite=overwrite)

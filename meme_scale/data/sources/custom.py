@@ -195,7 +195,7 @@ def _read_array_folder(folder: str, declared: dict[str, str]) -> tuple[dict[str,
         flags = observed.dtype == np.bool_ or (integer and np.isin(observed, (0, 1)).all())
         if observed.ndim != 2 or observed.shape[1] != len(arrays) or not flags:
             raise ValueError(f"{observed_path}: must be bool [N, {len(arrays)}] (one column per modality, in modality "
-                             f"order), got {observed.dtype} {list(observed.shape)}")  # fmt: skip
+                             f"order), got {observed.dtype} {list(observed.shape)}")
         files["observed"] = observed_path
     counts = {files[m]: len(a) for m, a in arrays.items()} | ({label_path: len(labels)} if labels is not None else {})
     counts |= {observed_path: len(observed)} if observed is not None else {}
@@ -310,10 +310,10 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
         for i in range(len(next(iter(data[s].values())))):
             if not present[s][i].any():
                 skips.bad("no modality", f"{folder}: row {file_rows[s][i]} lacks every modality "
-                                         "(observed.npy or all-NaN rows)")  # fmt: skip
+                                         "(observed.npy or all-NaN rows)")
                 continue
             problem = next(((m, p) for col, m in enumerate(order) if present[s][i, col]
-                            and (p := _row_problem(specs[m]["kind"], data[s][m][i]))), None)  # fmt: skip
+                            and (p := _row_problem(specs[m]["kind"], data[s][m][i]))), None)
             if problem:
                 skips.bad(problem[1], f"{files[problem[0]]}, row {file_rows[s][i]}: {problem[1]}")
                 continue
@@ -342,10 +342,10 @@ def build_from_arrays(out: str, folder: str, *, kinds: dict[str, str] | None = N
 
 
 def _array_samples(order: list[str], data: dict[str, np.ndarray], present: np.ndarray, labels: np.ndarray | None,
-                   rows: np.ndarray) -> Iterator[dict]:  # fmt: skip
+                   rows: np.ndarray) -> Iterator[dict]:
     for i in rows:
         sample = {m: None if not present[i, col] else caption_text(data[m][i]) if data[m].dtype.kind in "USO"
-                  else data[m][i] for col, m in enumerate(order)}  # fmt: skip
+                  else data[m][i] for col, m in enumerate(order)}
         sample["label"] = None if labels is None else int(labels[i])
         yield sample
 
