@@ -353,7 +353,7 @@ def test_sweep_file_reads_floats_without_a_dot_and_infers_the_mode(quickstart_sh
 
 
 def test_shipped_sweeps_cover_the_paper_grid():
-    paths = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    paths = sorted((ROOT / "configs" / "sweeps").glob("*_pseudo_samples.yaml"))
     assert paths
     for path in paths:
         sweep = load_sweep(path)
@@ -362,6 +362,16 @@ def test_shipped_sweeps_cover_the_paper_grid():
         assert "optim.lr" in sweep.search_space
         assert sweep.metric == "eval/cross_coherence" and sweep.mode == "max"
         load_config(sweep.base, override_list(sweep.overrides))
+
+
+def test_shipped_f025_sweep_varies_only_the_pseudo_samples():
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "quickstart_pseudo_samples_f025.yaml")
+    assert sweep.search_space == {
+        "model.pseudo_samples": {"grid": [16, 32, 64, 128, 256]},
+        "train.seed": {"grid": [0, 1]},
+    }
+    assert sweep.overrides["data.observed_fraction"] == 0.25 and sweep.scheduler["name"] == "fifo"
+    load_config(sweep.base, override_list(sweep.overrides))
 
 
 # -- a real PBT sweep: the weak trial takes the strong one's checkpoint and a new learning rate -------
