@@ -53,6 +53,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_data import remote_rates  # noqa: E402
 from bench_step import (  # noqa: E402
     PATHS,
     SHAPES,
@@ -305,10 +306,23 @@ def markdown(result: dict) -> str:
             f"Observed fraction, {shape} (shipped step, {r['precision']}, samples/s): {rates}; "
             f"f = 0.25 runs **{r['f_0.25_over_f_1.0']:.2f}x** f = 1.",
         ]
+    remote = result.get("data", {}).get("remote_mnist_svhn")
     for shape, d in result.get("data", {}).items():
+        if shape.startswith("remote_"):
+            continue
         rates = ", ".join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in d["reader_samples_per_s"].items())
         ratio = f"; {d['reader_over_step']:.1f}x its fastest step" if d["reader_over_step"] else ""
         lines += ["", f"Reader, {shape} shards (samples/s): {rates}{ratio}."]
+    if remote:
+        cells = ", ".join(
+            f"{proto} {r['ratio_to_local']['0']:.2f}x / {r['ratio_to_local']['2']:.2f}x"
+            for proto, r in remote.items()
+            if "ratio_to_local" in r
+        )
+        lines += [
+            "",
+            f"Reader from servers on loopback, MNIST-SVHN shards, cache cold (0 / 2 workers, vs local disk): {cells}.",
+        ]
     if "scaling" in result:
         s = result["scaling"]
         for shape, r in s.items():
@@ -414,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                     "fastest_step_samples_per_s": fastest,
                     "reader_over_step": max(readers.values()) / fastest if fastest else None,
                 }
+                if shape == "mnist_svhn":  # the same shards from an HTTP and an S3 server on loopback, cache cold
+                    result["data"]["remote_mnist_svhn"] = remote_rates(
+                        str(root), ["http", "s3"], args.batch, 2048, [0, 2], repeats=2
+                    )
         if "scaling" in sections:
             result["scaling"] = bench_scaling(scaling_shapes, args.train_steps, args.batch, work)
     text = json.dumps(result, indent=2)
