@@ -24,10 +24,12 @@ MODELS, FRACTIONS, SEEDS = ["meme", "mvae"], ["1.0", "0.5"], ["0", "1"]
 CELLS = [f"{m}_f{f}_s{s}" for m in MODELS for f in FRACTIONS for s in SEEDS]
 
 
-def _compare(out, data, classifiers) -> subprocess.CompletedProcess:
+def _compare(out, data, classifiers, jobs=1) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "tools/compare.py",
+        "--jobs",
+        str(jobs),
         "--config",
         "configs/quickstart.yaml",
         "--out",
@@ -88,7 +90,7 @@ def test_tiny_grid_writes_table_figure_and_runs_then_reruns_only_a_deleted_cell(
         capture_output=True,
     )
     out = tmp_path / "grid"
-    first = _compare(out, quickstart_shards, classifiers)
+    first = _compare(out, quickstart_shards, classifiers, jobs=2)  # two cells at a time share grid.json and MLflow
     assert sorted(re.findall(r"^(\S+): \d+ s$", first.stderr, re.MULTILINE)) == sorted(CELLS)  # every cell trained once
 
     results = json.loads((out / "results.json").read_text())
@@ -161,3 +163,15 @@ def test_table_marks_meme_joint_at_full_observation_and_shows_spread():
         "max": 0.7,
         "n": 2,
     }
+
+
+def test_jobs_split_the_cores_unless_the_user_chose_threads(monkeypatch):
+    from meme_scale.hardware import available_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert compare.thread_overrides(1, []) == []
+    assert compare.thread_overrides(2, []) == [f"train.threads={max(1, available_cores() // 2)}"]
+    assert compare.thread_overrides(64, []) == ["train.threads=1"]
+    assert compare.thread_overrides(2, ["train.threads=3"]) == []
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert compare.thread_overrides(2, []) == []

@@ -25,7 +25,10 @@ from meme_scale.speed import apply_speed_options
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_step import SHAPES, synthetic_batch  # noqa: E402
 
-FP32_TOL, GRAD_TOL, BF16_TOL = 1e-5, 1e-3, 1e-2
+FP32_TOL, BF16_TOL = 1e-5, 1e-2
+# Per-tensor gradients under channels_last: oneDNN's NHWC kernels on an AVX2-only CPU put the CUB caption
+# decoder's first layers 1.2e-3 from an fp64 reference (NCHW: 1.2e-4), elsewhere <= 1e-4; a layout bug is O(1).
+NHWC_GRAD_TOL = 5e-3
 SHIPPED_SHAPES = {  # every training config and the meta.json shapes of its dataset
     "quickstart.yaml": {
         "mnist": {"kind": "image", "shape": [1, 28, 28]},
@@ -70,7 +73,7 @@ def test_channels_last_changes_neither_loss_nor_gradients(shape):
     assert loss.item() == pytest.approx(reference.item(), rel=FP32_TOL)
     loss.backward()
     for p, g in zip(model.parameters(), ref_grads):  # per tensor: single entries may differ by summation order
-        assert (p.grad - g).norm() <= GRAD_TOL * g.norm() + 1e-8
+        assert (p.grad - g).norm() <= NHWC_GRAD_TOL * g.norm() + 1e-8
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
     python tools/compare.py --config configs/quickstart.yaml --out runs/compare \\
         [--models meme mvae mmvae mopoe] [--fractions 1.0 0.5 0.25 0.125] [--seeds 0 1] \\
-        [--steps 2000] [--batch 128] [-- key=value ...]
+        [--steps 2000] [--batch 128] [--jobs 2] [-- key=value ...]
 
 Every cell (model x f x seed) is an ordinary training run of ``meme_scale/train.py`` in one
 process, in ``OUT/<model>_f<f>_s<seed>``, evaluated on the test split at its last step. Each
@@ -15,8 +15,10 @@ Run it again to continue: finished cells are reused, an interrupted cell resumes
 checkpoint, a deleted cell is trained again (its old child run is marked deleted). A folder that
 holds a grid of another config or budget is refused rather than mixed.
 
-On a CPU machine shared with other jobs, run it with ``OMP_NUM_THREADS=1``: with more threads than
-free cores each step waits on busy threads (measured: 97 vs ~2000 samples/s for MVAE on 2 loaded cores).
+``--jobs J`` trains J cells at once, each with (this process's cores) / J compute threads unless
+``train.threads`` or ``OMP_NUM_THREADS`` says otherwise: more threads than free cores make every step
+wait on busy threads (measured: 97 vs ~2000 samples/s for MVAE on 2 loaded cores). Cells are
+independent runs with their own seeds, so J changes the wall time, never the results.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,8 +79,13 @@ class Grid:
             )
         self.parent_run_id: str | None = state.get("parent_run_id")
         self.children: dict[str, str] = state.get("children", {})
+        self.lock = threading.RLock()  # cells of --jobs > 1 start their child runs from several threads
 
     def save(self) -> None:
+        with self.lock:
+            self._save()
+
+    def _save(self) -> None:
         _write_json(
             self.path,
             {
@@ -110,13 +119,14 @@ class Grid:
         """A new child run for cell ``name``; a child of a deleted earlier attempt is marked deleted."""
         from meme_scale.tracking import delete_run, open_tracker
 
-        if name in self.children:
-            delete_run(self.tracking_uri, self.children.pop(name))
-        tags = {"mlflow.parentRunId": self.parent_run_id, "meme_scale.compare_cell": name, **tags}
-        tracker = open_tracker(True, self.tracking_uri, self.out / name, self.experiment, name, tags=tags)
-        self.children[name] = tracker.run_id
-        self.save()
-        return tracker.run_id
+        with self.lock:
+            if name in self.children:
+                delete_run(self.tracking_uri, self.children.pop(name))
+            tags = {"mlflow.parentRunId": self.parent_run_id, "meme_scale.compare_cell": name, **tags}
+            tracker = open_tracker(True, self.tracking_uri, self.out / name, self.experiment, name, tags=tags)
+            self.children[name] = tracker.run_id
+            self.save()
+            return tracker.run_id
 
 
 def run_cell(grid: Grid, config: str, model: str, fraction: float, seed: int, overrides: list[str]) -> dict:
@@ -208,12 +218,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=128, help="batch size (one process)")
     parser.add_argument("--eval-every", type=int, default=0, help="0: evaluate at the last step only")
     parser.add_argument("--experiment", default="compare", help="MLflow experiment of the parent and child runs")
+    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (they share this machine's cores)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every cell")
     args = parser.parse_args(argv)
     args.models = list(dict.fromkeys(args.models))
     args.fractions = list(dict.fromkeys(args.fractions))
     args.seeds = list(dict.fromkeys(args.seeds))
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     return args
+
+
+def thread_overrides(jobs: int, overrides: list[str]) -> list[str]:
+    """Cores split between the cells that run at once, unless the user chose the threads."""
+    from meme_scale.hardware import available_cores
+
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ or any(o.startswith("train.threads=") for o in overrides):
+        return []
+    return [f"train.threads={max(1, available_cores() // jobs)}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,17 +280,24 @@ def main(argv: list[str] | None = None) -> int:
             "recipes": recipes,
         }
     )
+    cell_overrides = [*args.overrides, *thread_overrides(args.jobs, args.overrides)]
+    pool = ThreadPoolExecutor(args.jobs)
     try:
+        cells = {
+            (m, f, seed): pool.submit(run_cell, grid, args.config, m, f, seed, cell_overrides)
+            for m in args.models
+            for f in args.fractions
+            for seed in args.seeds
+        }
         results = {
-            m: {
-                str(f): [run_cell(grid, args.config, m, f, seed, args.overrides) for seed in args.seeds]
-                for f in args.fractions
-            }
+            m: {str(f): [cells[m, f, seed].result() for seed in args.seeds] for f in args.fractions}
             for m in args.models
         }
     except BaseException:
+        pool.shutdown(cancel_futures=True)  # a failed cell starts no more; the running ones finish and are reused
         parent.finish("FAILED")
         raise
+    pool.shutdown()
     header = (
         f"Data: `{cfg.data.root}` ({args.config}); budget: {args.steps} steps of batch {args.batch}, one "
         f"process; seeds {args.seeds}; test split evaluated at the last step; mean ± std over seeds. "
