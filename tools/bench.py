@@ -140,6 +140,9 @@ def reader_rate(root: Path, modalities: list[str], workers: int, batch_size: int
     return n / (time.perf_counter() - t0)
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_training(shape: str, root: Path, ranks: int, steps: int, batch_size: int, work: Path) -> dict:
     """samples/s of a real training run at global batch ``batch_size``: one plain process, or ``ranks`` ranks
     under the deepspeed launcher (the last logged window: start-up excluded). No OMP_NUM_THREADS: the
@@ -175,7 +178,8 @@ def run_training(shape: str, root: Path, ranks: int, steps: int, batch_size: int
         "data.num_workers=1",
         "model.pseudo_samples=32",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    # the run chooses its own threads, and must not join the rendezvous of this process's own engines
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", *DIST_ENV)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
