@@ -165,38 +165,46 @@ def _markdown(table: list[list[str]]) -> str:
 
 
 def _plot(rows: list[dict], sweep: Sweep, plan: Plan, path: Path) -> Path | None:
-    """The metric against pseudo-sample count, one line per observed fraction (best trial per point)."""
+    """The metric against pseudo-sample count, one line per observed fraction: at each point the mean
+    of its completed trials (other settings, seeds) with their range; a point whose trials all stopped
+    early shows their best, hollow (a mean over unequal budgets would mean nothing)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best: dict[float, dict[int, dict]] = {}
-    sign = 1 if sweep.mode == "max" else -1
+    points: dict[float, dict[int, list[dict]]] = {}
     for r in rows:
         if r["value"] is None or r["status"] == "failed":
             continue
         n = int(r["config"].get("model.pseudo_samples", plan.base_cfg.model.pseudo_samples))
         f = float(r["config"].get("data.observed_fraction", plan.base_cfg.data.observed_fraction))
-        current = best.setdefault(f, {}).get(n)
-        if current is None or sign * r["value"] > sign * current["value"]:
-            best[f][n] = r
+        points.setdefault(f, {}).setdefault(n, []).append(r)
+    pick = max if sweep.mode == "max" else min
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for f in sorted(best, reverse=True):
-        points = sorted(best[f].items())
-        xs, ys = [n for n, _ in points], [r["value"] for _, r in points]
-        (line,) = ax.plot(xs, ys, marker="o", label=f"observed fraction {f:g}")
-        early = [(n, r["value"]) for n, r in points if r["status"] != "completed"]
+    for f in sorted(points, reverse=True):
+        xs, mean, low, high, early = [], [], [], [], []
+        for n, trials in sorted(points[f].items()):
+            done = [t["value"] for t in trials if t["status"] == "completed"]
+            if not done:
+                early.append((n, pick(t["value"] for t in trials)))
+                continue
+            xs.append(n)
+            mean.append(sum(done) / len(done))
+            low.append(mean[-1] - min(done))
+            high.append(max(done) - mean[-1])
+        line = ax.errorbar(xs, mean, yerr=[low, high], marker="o", capsize=3, label=f"observed fraction {f:g}")
         if early:
-            ax.scatter(*zip(*early), s=80, facecolors="white", edgecolors=line.get_color(), zorder=3)
+            color = line.lines[0].get_color()
+            ax.scatter(*zip(*early), s=80, facecolors="white", edgecolors=color, zorder=3)
     ax.set_xscale("log", base=2)
-    ns = sorted({n for f in best for n in best[f]})
+    ns = sorted({n for f in points for n in points[f]})
     if ns:
         ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("pseudo-samples per modality (model.pseudo_samples)")
     ax.set_ylabel(sweep.metric)
-    ax.set_title(f"sweep {sweep.name}: best trial per point (hollow: stopped early)", fontsize=9)
-    if best:
+    ax.set_title(f"sweep {sweep.name}: mean and range of the trials per point (hollow: stopped early)", fontsize=9)
+    if points:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
