@@ -203,7 +203,7 @@ def _plot(rows: list[dict], sweep: Sweep, plan: Plan, path: Path) -> Path | None
         ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("pseudo-samples per modality (model.pseudo_samples)")
     ax.set_ylabel(sweep.metric)
-    ax.set_title(f"sweep {sweep.name}: mean and range of the trials per point (hollow: stopped early)", fontsize=9)
+    ax.set_title(f"{sweep.name}\nmean and range of the trials at each point (hollow: stopped early)", fontsize=8)
     if points:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
