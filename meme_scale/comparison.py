@@ -93,6 +93,10 @@ def markdown(
     return "\n".join([*lines, *notes]) + "\n"
 
 
+# One colour per model in every figure, whichever models a grid runs.
+MODEL_COLORS = {"meme": "tab:blue", "mvae": "tab:orange", "mmvae": "tab:green", "mopoe": "tab:red"}
+
+
 def coherence_plot(
     results: dict,
     models: list[str],
@@ -126,6 +130,7 @@ def coherence_plot(
                     marker="o",
                     capsize=3,
                     label=model,
+                    color=MODEL_COLORS.get(model),
                 )
         if chance is not None:
             ax.axhline(chance, color="grey", linestyle=":", label="chance")
