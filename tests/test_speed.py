@@ -136,6 +136,47 @@ def test_every_shipped_config_takes_a_step_through_the_engine(tmp_path):
     assert len({r["precision"] for r in results.values()}) == 1 and results["cub.yaml"]["precision"] in ("fp32", "bf16")
 
 
+def _train_with_and_without_allreduce(rank: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu"
+    )
+    from meme_scale.config import deepspeed_config
+    from meme_scale.engine import adam, build_engine, init_distributed
+
+    init_distributed()
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["train.micro_batch_size=16", "train.grad_accum=2"])
+    meta = SHIPPED_SHAPES["quickstart.yaml"]
+    batch = synthetic_batch(meta, 16, observed_fraction=0.5)
+    results = {}
+    for allreduce in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, modality_specs(cfg.model, {"modalities": meta}))
+        engine = build_engine(model, adam(model.parameters(), cfg.optim.lr), deepspeed_config(cfg, 1, "fp32"))
+        skipped = not engine.enable_backward_allreduce
+        engine.enable_backward_allreduce = allreduce
+        initial = torch.cat([p.detach().flatten() for p in engine.module.parameters()]).clone()
+        for micro_step in range(6):  # 3 optimizer steps of 2 micro-batches
+            torch.manual_seed(micro_step)
+            loss, _ = engine(batch)
+            engine.backward(loss)
+            engine.step()
+        params = torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+        moved = not torch.equal(params, initial)
+        results[str(allreduce)] = {"skipped_by_default": skipped, "moved": moved, "params": params.tolist()}
+    Path(out).write_text(json.dumps(results))
+
+
+def test_one_rank_engine_skips_the_gradient_allreduce_and_trains_the_same(tmp_path):
+    """build_engine turns off DeepSpeed's all-reduce on one rank without ZeRO: same weights to the bit."""
+    out = tmp_path / "params.json"
+    mp.start_processes(_train_with_and_without_allreduce, args=(free_port(), str(out)), nprocs=1, start_method="spawn")
+    results = json.loads(out.read_text())
+    assert results["False"]["skipped_by_default"]
+    with_allreduce, without = torch.tensor(results["True"]["params"]), torch.tensor(results["False"]["params"])
+    assert results["True"]["moved"] and results["False"]["moved"]
+    assert torch.equal(with_allreduce, without)
+
+
 @pytest.mark.parametrize("net", ["svhn_conv", "caption_cnn"])
 def test_matrix_product_layers_equal_the_convolutions_they_replace(net):
     """The networks' whole-input Conv2d and 1x1-input ConvTranspose2d run as matrix products: same outputs and
